@@ -1,0 +1,171 @@
+"""`vitzoo`: one console script, one subcommand per pipeline stage.
+
+Hydra commands take overrides after the subcommand (`vitzoo build zoo=digits_tiny out=zoos/tiny`);
+`vitzoo <cmd> --help` shows the composed config. Bad input (unknown preset, key or value; a missing
+dataset; an incompatible output folder) ends with one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import configs
+
+CONFIG_DIR = str(Path(configs.__file__).resolve().parent)
+
+COMMANDS = {
+    "build": "train a population of ViTs into a zoo (Hydra: vitzoo build zoo=<preset> out=<dir>)",
+    "import": "read a foreign zoo layout into the zoo format (vitzoo import vitmodelzoo <src> <dst>)",
+    "verify": "check every checkpoint of a zoo against its sha256 (vitzoo verify <zoo>)",
+}
+
+
+class UserError(Exception):
+    """Bad input from the user: reported in one line, exit code 2."""
+
+
+def fail(command: str, message: str) -> None:
+    first_line = str(message).strip().splitlines()[0] if str(message).strip() else "failed"
+    print(f"vitzoo {command}: error: {first_line}", file=sys.stderr)
+    sys.exit(2)
+
+
+def usage() -> str:
+    lines = ["usage: vitzoo <command> [args] [hydra overrides]", "", "commands:"]
+    lines += [f"  {name:<8} {text}" for name, text in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        fail("", f"unknown command {command!r}; commands: {', '.join(COMMANDS)}")
+    if command == "build":
+        run_hydra("build", "build", rest, build_task)
+    elif command == "verify":
+        verify_command(rest)
+    elif command == "import":
+        import_command(rest)
+
+
+# ------------------------------------------------------------------------------------------- hydra
+
+
+def validate_overrides(config_name: str, overrides: list[str]) -> None:
+    """Compose the config for every job of a (multi)run now, so bad input fails in one line before any work."""
+    from hydra import compose, initialize_config_dir
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    plain = [o for o in overrides if not o.startswith("hydra/") and not o.startswith("hydra.")]
+    parsed = OverridesParser.create().parse_overrides(plain)
+    jobs = BasicSweeper.split_arguments(parsed, max_batch_size=None)[0] if parsed else [[]]
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        for job in jobs:
+            cfg = compose(config_name=config_name, overrides=list(job))
+            if config_name == "build":
+                from zoo_builder.blueprint import blueprint_from_config
+
+                blueprint_from_config(cfg.zoo)
+    GlobalHydra.instance().clear()
+
+
+def run_hydra(command: str, config_name: str, overrides: list[str], task) -> None:
+    import hydra
+
+    from zoo_builder.config import register_schemas
+
+    register_schemas()
+    if not any(flag in overrides for flag in ("--help", "-h", "--hydra-help", "--info", "--cfg", "-c")):
+        sweep_flags = {"--multirun", "-m"}
+        try:
+            validate_overrides(config_name, [o for o in overrides if o not in sweep_flags])
+        except Exception as error:  # Hydra and OmegaConf raise many types; all mean bad input here
+            fail(command, _config_error(error))
+    sys.argv = [f"vitzoo {command}", *overrides]
+    hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name=config_name)(task)()
+
+
+def _config_error(error: Exception) -> str:
+    text = str(error).strip()
+    if "In 'build': Could not find" in text or "Could not find '" in text:
+        return text.splitlines()[0] + " (presets live in configs/<group>/<name>.yaml)"
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("full_key")]
+    return " ".join(lines[:2]) if lines else type(error).__name__
+
+
+def build_task(cfg) -> None:
+    import torch
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from zoo_builder.build import BuildSettings, SavePolicy, build
+    from zoo_builder.data import DatasetError
+    from zoo_builder.logger import make_logger
+    from zoo_builder.zoo import Zoo, ZooError
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    (run_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(resolved))
+    settings = BuildSettings(
+        out=out, shard=cfg.shard, device=cfg.device, precision=cfg.precision, mode=cfg.mode,
+        population_size=cfg.population_size, data_root=cfg.data_root, progress=cfg.progress,
+        save_pretrain=SavePolicy(**cfg.save.pretrain), save_finetune=SavePolicy(**cfg.save.finetune),
+    )
+    logger = make_logger(OmegaConf.to_object(cfg.logger), resolved, cfg.zoo.name, out)
+    try:
+        build(cfg.zoo, settings, logger)
+    except (ZooError, DatasetError, ValueError) as error:
+        fail("build", str(error))
+    finally:
+        if logger is not None:
+            logger.finish()
+    print(Zoo.open(out).summary())
+
+
+# -------------------------------------------------------------------------------------- plain commands
+
+
+def verify_command(args: list[str]) -> None:
+    from zoo_builder.zoo import verify
+
+    parser = argparse.ArgumentParser(prog="vitzoo verify", description=COMMANDS["verify"])
+    parser.add_argument("zoo", help="zoo directory, or 'bundled'")
+    options = parser.parse_args(args)
+    problems = verify(options.zoo)
+    for problem in problems:
+        print(problem)
+    if problems:
+        print(f"vitzoo verify: {len(problems)} problem(s) in {options.zoo}", file=sys.stderr)
+        sys.exit(1)
+    print(f"{options.zoo}: every checkpoint matches its sha256")
+
+
+def import_command(args: list[str]) -> None:
+    from zoo_builder.importers import IMPORTERS, ImportErrorBadInput
+
+    parser = argparse.ArgumentParser(prog="vitzoo import", description=COMMANDS["import"])
+    parser.add_argument("layout", choices=sorted(IMPORTERS), help="the foreign layout")
+    parser.add_argument("src", help="folder of the foreign zoo")
+    parser.add_argument("dst", help="zoo folder to write")
+    options = parser.parse_args(args)
+    try:
+        zoo = IMPORTERS[options.layout](Path(options.src), Path(options.dst))
+    except ImportErrorBadInput as error:
+        fail("import", str(error))
+    print(zoo.summary())
+
+
+if __name__ == "__main__":
+    main()

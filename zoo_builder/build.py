@@ -1,0 +1,253 @@
+"""Building a zoo: expand a blueprint into runs, group them into populations, train, write checkpoints.
+
+`build(cfg)` is a plain function (the CLI's `vitzoo build` calls it; tests call it directly). It is
+resumable and shardable:
+- a finished run (record status `done`, `diverged` or `skipped`) is never trained again;
+- after every epoch a population writes its full training state (`_state/<population>.safetensors`:
+  weights, optimizer state, metrics) *before* its checkpoints and records, so a build killed at any
+  point continues from the last finished epoch and re-creates whatever that epoch had not yet written;
+- `shard=i/n` trains whole families (a parent and its fine-tunes) of every n-th lineage, so several
+  builders can fill one zoo without touching each other's runs.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save
+
+from zoo_builder.blueprint import Blueprint, Factors, Run, blueprint_from_config, expand, parse_shard, select_shard
+from zoo_builder.models import Architecture, build_vit, init_linear_layers, initialize_weights, new_head, select_device
+from zoo_builder.population import PopulationTrainer, stack_key
+from zoo_builder.zoo import ZooWriter, atomic_write_bytes, code_version, locked, sha256_bytes
+
+FINISHED = ("done", "diverged", "skipped")
+
+
+@dataclass
+class SavePolicy:
+    """Which epochs keep their weights on disk (metrics are kept for every epoch regardless)."""
+
+    keep_last: int | None = None  # the last k epochs; None keeps every epoch
+    keep_init: bool = False  # also keep epoch 0 (the initialisation, or parent + fresh head)
+
+    def keeps(self, epoch: int, epochs: int) -> bool:
+        if epoch == 0:
+            return self.keep_init
+        return self.keep_last is None or epoch > epochs - self.keep_last
+
+
+@dataclass
+class BuildSettings:
+    out: Path
+    shard: str = "0/1"
+    device: str = "auto"
+    precision: str = "fp32"
+    mode: str = "vmap"
+    population_size: int = 64
+    data_root: str | None = None
+    save_pretrain: SavePolicy = None
+    save_finetune: SavePolicy = None
+    progress: bool = True
+
+
+def build(blueprint_cfg, settings: BuildSettings, logger=None) -> Path:
+    """Train every run of the blueprint (this shard's part) into the zoo at `settings.out`."""
+    blueprint: Blueprint = blueprint_from_config(blueprint_cfg)
+    index, count = parse_shard(settings.shard)
+    runs = select_shard(expand(blueprint), index, count)
+    device = select_device(settings.device)
+    writer = ZooWriter.create_or_open(
+        settings.out, blueprint.model_architecture, blueprint.final_dataset, blueprint.datasets(), blueprint.to_dict()
+    )
+    policies = {
+        "pretrain": settings.save_pretrain or SavePolicy(),
+        "finetune": settings.save_finetune or SavePolicy(),
+    }
+    for stage in ("pretrain", "finetune"):
+        stage_runs = [run for run in runs if run.stage == stage]
+        populations = group_populations(stage_runs, settings.population_size)
+        for number, population in enumerate(populations, 1):
+            label = f"{stage} {number}/{len(populations)}"
+            train_population(writer, blueprint.model_architecture, population, policies[stage], device, settings,
+                             label, logger)
+    writer.write_index()
+    if logger is not None:
+        logger.log_index(settings.out)
+    return Path(settings.out)
+
+
+def group_populations(runs: list[Run], population_size: int) -> list[list[Run]]:
+    """Runs that can be stacked (same `stack_key`), in chunks of at most `population_size`, in blueprint order."""
+    groups: dict[tuple, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(stack_key(run.factors), []).append(run)
+    return [group[i : i + population_size] for group in groups.values() for i in range(0, len(group), population_size)]
+
+
+def population_id(runs: list[Run]) -> str:
+    return sha256_bytes(json.dumps(sorted(r.model_id for r in runs)).encode())[:16]
+
+
+def new_record(run: Run, blueprint_name: str | None = None) -> dict:
+    return {
+        "model_id": run.model_id,
+        "stage": run.stage,
+        "parent_id": run.parent_id,
+        "factors": run.factors.to_dict(),
+        "head": {"head": run.factors.head, "head_hidden": run.factors.head_hidden,
+                 "num_classes": run.factors.num_outputs},
+        "status": "training",
+        "history": [],
+        "checkpoints": [],
+        "code_version": code_version(),
+    }
+
+
+def initial_state(run: Run, architecture: Architecture, parent_state: dict[str, torch.Tensor] | None):
+    """The starting weights of a run: a seeded from-scratch init, or the parent's body with a fresh seeded head."""
+    f = run.factors
+    torch.manual_seed(f.seed)
+    model = build_vit(architecture, f.num_outputs, f.head, f.head_hidden)
+    if parent_state is None:
+        initialize_weights(model, f.init)
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    body = {k: v for k, v in parent_state.items() if not k.startswith("head.")}
+    missing, unexpected = model.load_state_dict(body, strict=False)
+    if unexpected or any(not k.startswith("head.") for k in missing):
+        raise RuntimeError(f"parent {run.parent_id} does not fit the architecture: missing {missing}, extra {unexpected}")
+    torch.manual_seed(f.seed)
+    model.head = new_head(model, f.num_outputs, f.head, f.head_hidden)
+    init_linear_layers(model.head, f.init)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _finite_or_none(value: float):
+    return value if value == value and abs(value) != float("inf") else None
+
+
+def train_population(writer: ZooWriter, architecture: Architecture, runs: list[Run], policy: SavePolicy,
+                     device: torch.device, settings: BuildSettings, label: str, logger=None) -> None:
+    root = writer.root
+    state_path = root / "_state" / f"{population_id(runs)}.safetensors"
+    with locked(root / "_state" / f"{population_id(runs)}.lock"):
+        records = {run.model_id: writer.read_record(run.model_id) or new_record(run) for run in runs}
+        if all(r["status"] in FINISHED for r in records.values()) and not state_path.exists():
+            return
+        members = _members_with_parents(writer, runs, records)
+        if not members:
+            return
+        runs = [run for run, _ in members]
+        epochs = runs[0].factors.epochs
+        if state_path.exists():
+            saved = load_file(state_path)
+            meta = json.loads(_safetensors_metadata(state_path)["build"])
+            if meta["model_ids"] != [r.model_id for r in runs]:
+                raise RuntimeError(f"resume state {state_path} belongs to other runs; remove it to start over")
+            init_states = [initial_state(run, architecture, parent) for run, parent in members]
+            trainer = PopulationTrainer([r.factors for r in runs], init_states, architecture, device,
+                                        settings.mode, settings.precision, settings.data_root)
+            trainer.load_resume_state(saved)
+            start_epoch = meta["epoch"]
+            histories = meta["histories"]
+            # the state is written before the epoch's checkpoints: re-create whatever they had not written yet
+            _write_epoch(writer, runs, records, trainer, histories, start_epoch, epochs, policy)
+        else:
+            init_states = [initial_state(run, architecture, parent) for run, parent in members]
+            trainer = PopulationTrainer([r.factors for r in runs], init_states, architecture, device,
+                                        settings.mode, settings.precision, settings.data_root)
+            start_epoch = 0
+            histories = {run.model_id: [] for run in runs}
+            metrics = _evaluate(trainer)
+            for i, run in enumerate(runs):
+                histories[run.model_id].append({"epoch": 0, **{k: _finite_or_none(v[i]) for k, v in metrics.items()}})
+            _write_epoch(writer, runs, records, trainer, histories, 0, epochs, policy)
+
+        progress = _progress(settings, label, runs, epochs, start_epoch, trainer)
+        for epoch in range(start_epoch + 1, epochs + 1):
+            started = time.perf_counter()
+            was_active = trainer.active.clone()
+            train_metrics = trainer.train_epoch(epoch, progress).values
+            metrics = {**train_metrics, **_evaluate(trainer)}
+            for i, run in enumerate(runs):
+                if not was_active[i]:
+                    continue
+                row = {"epoch": epoch, **{k: _finite_or_none(v[i]) for k, v in metrics.items()}}
+                if not trainer.active[i]:
+                    row["diverged"] = True
+                histories[run.model_id].append(row)
+            state = trainer.resume_state()
+            build_meta = {"epoch": epoch, "model_ids": [r.model_id for r in runs], "histories": histories}
+            atomic_write_bytes(state_path, save(state, metadata={"build": json.dumps(build_meta)}))
+            _write_epoch(writer, runs, records, trainer, histories, epoch, epochs, policy)
+            if logger is not None:
+                logger.log_epoch(runs, histories, epoch, time.perf_counter() - started)
+        if progress is not None:
+            progress.close()
+        state_path.unlink(missing_ok=True)
+
+
+def _members_with_parents(writer: ZooWriter, runs: list[Run], records: dict[str, dict]):
+    """(run, parent_state) for every unfinished run whose parent (if any) finished; others are marked skipped."""
+    members = []
+    for run in runs:
+        record = records[run.model_id]
+        if record["status"] in FINISHED:
+            continue
+        parent_state = None
+        if run.parent_id is not None:
+            parent = writer.read_record(run.parent_id)
+            if parent is None or parent["status"] != "done" or not parent["checkpoints"]:
+                reason = "parent missing" if parent is None else f"parent {parent['status']}"
+                record.update(status="skipped", reason=reason)
+                writer.write_record(record)
+                continue
+            checkpoint = parent["checkpoints"][-1]
+            parent_state = load_file(writer.root / checkpoint["path"])
+            record["parent_epoch"] = checkpoint["epoch"]
+        members.append((run, parent_state))
+    return members
+
+
+def _evaluate(trainer: PopulationTrainer) -> dict[str, list[float]]:
+    return {**trainer.evaluate("val").values, **trainer.evaluate("test").values}
+
+
+def _write_epoch(writer, runs, records, trainer, histories, epoch, epochs, policy) -> None:
+    """Checkpoints (per the save policy) and records of every model after `epoch`."""
+    states = trainer.state_dicts()
+    for i, run in enumerate(runs):
+        record = records[run.model_id]
+        if record["status"] in FINISHED:
+            continue
+        record["history"] = histories[run.model_id]
+        diverged = not bool(trainer.active[i])
+        if not diverged and policy.keeps(epoch, epochs) and not any(c["epoch"] == epoch for c in record["checkpoints"]):
+            writer.write_checkpoint(record, epoch, states[i])
+        if diverged:
+            record.update(status="diverged", diverged_epoch=record["history"][-1]["epoch"])
+        elif epoch == epochs:
+            record["status"] = "done"
+        writer.write_record(record)
+
+
+def _progress(settings: BuildSettings, label: str, runs, epochs: int, start_epoch: int, trainer):
+    if not settings.progress:
+        return None
+    from tqdm.auto import tqdm
+
+    images = len(trainer.split("train")[1])
+    steps = images // runs[0].factors.batch_size
+    return tqdm(total=steps * (epochs - start_epoch), desc=f"{label}: {len(runs)} models", unit="step",
+                initial=0, leave=False)
+
+
+def _safetensors_metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return f.metadata()

@@ -1,0 +1,199 @@
+"""Datasets, preprocessed exactly as the zoo's models expect.
+
+Every dataset is returned as `(images [N, C, H, W] float32, labels [N] int64)`, normalised with fixed
+per-dataset constants. The validation split is carved from the official training split with a fixed
+seed, so `train`, `val` and `test` never overlap and selection never needs the test split.
+
+Nothing is downloaded: `digits` ships inside scikit-learn; Fashion-MNIST is read from IDX files (the
+Debian package `dataset-fashion-mnist` installs them under `/usr/share/datasets/fashion-mnist`);
+CIFAR and ImageNet are read by torchvision from a root the user gives.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+SPLITS = ("train", "val", "test")
+VAL_SEED = 0  # fixed: the val split must be the same on every machine and in every run
+FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    image_size: int
+    channels: int
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    hflip: bool  # whether horizontal flips are label-preserving (not for digits)
+
+
+DATASETS: dict[str, DatasetInfo] = {
+    # digits: 8x8 images upsampled to 28x28 so a Fashion-MNIST parent can be fine-tuned on them.
+    "digits": DatasetInfo(28, 1, 10, (0.3050,), (0.3246,), hflip=False),
+    "fashion_mnist": DatasetInfo(28, 1, 10, (0.2860,), (0.3530,), hflip=True),
+    "cifar10": DatasetInfo(224, 3, 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), hflip=True),
+    "cifar100": DatasetInfo(224, 3, 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), hflip=True),
+    "imagenet": DatasetInfo(224, 3, 1000, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), hflip=True),
+}
+
+
+class DatasetError(ValueError):
+    """A dataset that is unknown, missing from disk or asked for with a bad split."""
+
+
+def info(name: str) -> DatasetInfo:
+    if name not in DATASETS:
+        raise DatasetError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+    return DATASETS[name]
+
+
+def load_split(
+    name: str, split: str, root: str | None = None, classes: tuple[int, ...] | list[int] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images and labels of one split, preprocessed as the zoo's models expect.
+
+    Args:
+        name: dataset name (see `DATASETS`).
+        split: "train", "val" (carved from the official train split with a fixed seed) or "test".
+        root: where the dataset's files are; defaults per dataset (see module docstring).
+        classes: optional class subset; labels are re-indexed to 0..len(classes)-1 in the given order.
+
+    Returns:
+        images [N, C, H, W] float32 and labels [N] int64. Treat them as read-only: they are cached.
+    """
+    if split not in SPLITS:
+        raise DatasetError(f"unknown split {split!r}; expected one of {SPLITS}")
+    images, labels = _load_cached(name, split, root)
+    if classes is None:
+        return images, labels
+    classes = tuple(int(c) for c in classes)
+    num_classes = info(name).num_classes
+    if not classes or len(set(classes)) != len(classes) or not all(0 <= c < num_classes for c in classes):
+        raise DatasetError(f"class subset {list(classes)} is not a set of distinct classes of {name} (0..{num_classes - 1})")
+    remap = torch.full((num_classes,), -1, dtype=torch.long)
+    remap[list(classes)] = torch.arange(len(classes))
+    keep = remap[labels] >= 0
+    return images[keep], remap[labels[keep]]
+
+
+@lru_cache(maxsize=8)
+def _load_cached(name: str, split: str, root: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    meta = info(name)
+    if name == "digits":
+        images, labels = _digits(split)
+    elif name == "fashion_mnist":
+        images, labels = _fashion_mnist(split, root)
+    else:
+        images, labels = _torchvision(name, split, root, meta.image_size)
+    mean = torch.tensor(meta.mean).view(1, -1, 1, 1)
+    std = torch.tensor(meta.std).view(1, -1, 1, 1)
+    images = ((images - mean) / std).contiguous()
+    images.requires_grad_(False)
+    return images, labels
+
+
+def _carve(n_train: int, n_val: int, split: str) -> np.ndarray:
+    """Indices into the official train split for our train or val split."""
+    order = np.random.default_rng(VAL_SEED).permutation(n_train)
+    return np.sort(order[:n_val]) if split == "val" else np.sort(order[n_val:])
+
+
+def _digits(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    images = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0  # [1797, 1, 8, 8] in [0, 1]
+    labels = torch.tensor(data.target, dtype=torch.long)
+    # digits has no official split: a fixed 20% test split, then 10% of the rest as val
+    order = np.random.default_rng(VAL_SEED).permutation(len(labels))
+    n_test = len(labels) // 5
+    test, rest = np.sort(order[:n_test]), order[n_test:]
+    if split == "test":
+        index = test
+    else:
+        index = rest[_carve(len(rest), len(rest) // 10, split)]
+    images = F.interpolate(images[index], size=(28, 28), mode="bilinear", align_corners=False)
+    return images, labels[index]
+
+
+def _fashion_mnist_dir(root: str | None) -> Path:
+    candidates = [root] if root else [os.environ.get("VITZOO_FASHION_MNIST"), *FASHION_MNIST_DIRS]
+    for candidate in candidates:
+        if candidate and (Path(candidate) / "train-images-idx3-ubyte.gz").exists():
+            return Path(candidate)
+    raise DatasetError(
+        "Fashion-MNIST not found (looked in "
+        + ", ".join(str(c) for c in candidates if c)
+        + "); install the Debian package `dataset-fashion-mnist` (apt-get install dataset-fashion-mnist) "
+        "or pass the folder holding train-images-idx3-ubyte.gz as data_root=<path> (or VITZOO_FASHION_MNIST)"
+    )
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file (the MNIST format: magic, dims, big-endian sizes, uint8 data), gzipped or not."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    if raw[:2] != b"\x00\x00" or raw[2] != 0x08:
+        raise DatasetError(f"{path} is not a uint8 IDX file")
+    ndim = raw[3]
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(shape)):
+        raise DatasetError(f"{path} is truncated: expected {int(np.prod(shape))} values, found {data.size}")
+    return data.reshape(shape)
+
+
+def _fashion_mnist(split: str, root: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    folder = _fashion_mnist_dir(root)
+    prefix = "t10k" if split == "test" else "train"
+    images = read_idx(folder / f"{prefix}-images-idx3-ubyte.gz")
+    labels = read_idx(folder / f"{prefix}-labels-idx1-ubyte.gz")
+    if split != "test":
+        index = _carve(len(labels), 5000, split)
+        images, labels = images[index], labels[index]
+    return torch.from_numpy(images.copy()).float().unsqueeze(1) / 255.0, torch.from_numpy(labels.astype(np.int64))
+
+
+def _torchvision(name: str, split: str, root: str | None, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """CIFAR/ImageNet through torchvision, from disk only (no download). Meant for GPU machines."""
+    if root is None:
+        raise DatasetError(f"{name} needs data_root=<path> (a torchvision {name} folder); nothing is downloaded")
+    import torchvision
+
+    train = split != "test"
+    if name in ("cifar10", "cifar100"):
+        cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+        try:
+            dataset = cls(root, train=train, download=False)
+        except RuntimeError as error:
+            raise DatasetError(f"{name} not found under {root}: {error}") from error
+        images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).float() / 255.0  # [N, 3, 32, 32]
+        labels = torch.tensor(dataset.targets, dtype=torch.long)
+        if train:
+            index = torch.from_numpy(_carve(len(labels), len(labels) // 10, split))
+            images, labels = images[index], labels[index]
+        # kept at 32x32: models at 224 upsample per batch (see `resize_for`), not 30 GB in memory here
+        return images, labels
+    raise DatasetError(
+        "imagenet is not loaded into memory; stream it with your own loader and the zoo_builder population API"
+    )
+
+
+def resize_for(images: torch.Tensor, image_size: int) -> torch.Tensor:
+    """Bring a batch [..., C, h, w] to the model's input size (bilinear), a no-op when it already fits."""
+    if images.shape[-1] == image_size and images.shape[-2] == image_size:
+        return images
+    lead = images.shape[:-3]
+    flat = images.reshape(-1, *images.shape[-3:])
+    flat = F.interpolate(flat, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    return flat.reshape(*lead, *flat.shape[1:])

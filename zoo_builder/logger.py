@@ -1,0 +1,64 @@
+"""Experiment logging: W&B (offline unless configured) or nothing.
+
+Metrics are namespaced per model (`models/<model_id>/val_acc`) against a shared `epoch` axis, grouped
+by zoo; the index is logged as a table at the end. Only the resolved config is passed to `wandb.init`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+
+@dataclass
+class LoggerConfig:
+    kind: str = "none"  # none | wandb
+    project: str = "vitzoo"
+    entity: Optional[str] = None
+    mode: str = "offline"  # offline | online | disabled
+
+
+class WandbLogger:
+    def __init__(self, cfg: LoggerConfig, config: dict, zoo_name: str, out: Path):
+        import wandb
+
+        self.wandb = wandb
+        self.run = wandb.init(project=cfg.project, entity=cfg.entity, mode=cfg.mode, group=zoo_name,
+                              job_type="build", config=config, dir=str(out))
+        self.run.define_metric("epoch")
+        self.run.define_metric("models/*", step_metric="epoch")
+
+    def log_epoch(self, runs, histories: dict[str, list[dict]], epoch: int, seconds: float) -> None:
+        row = {"epoch": epoch, "build/epoch_seconds": seconds}
+        for run in runs:
+            last = histories[run.model_id][-1]
+            if last["epoch"] != epoch:
+                continue
+            for key, value in last.items():
+                if key != "epoch" and value is not None:
+                    row[f"models/{run.model_id}/{key}"] = value
+        self.run.log(row)
+
+    def log_index(self, zoo_root: Path) -> None:
+        rows = [json.loads(line) for line in (Path(zoo_root) / "index.jsonl").read_text().splitlines()]
+        if not rows:
+            return
+        columns = sorted({k for row in rows for k in row if k != "factors"})
+        factor_names = sorted(rows[0]["factors"])
+        table = self.wandb.Table(columns=columns + factor_names)
+        for row in rows:
+            table.add_data(*[row.get(c) for c in columns], *[json.dumps(row["factors"][f]) for f in factor_names])
+        self.run.log({"zoo/index": table})
+
+    def finish(self) -> None:
+        self.run.finish()
+
+
+def make_logger(cfg: LoggerConfig, config: dict, zoo_name: str, out: Path):
+    if cfg.kind == "none":
+        return None
+    if cfg.kind == "wandb":
+        return WandbLogger(cfg, config, zoo_name, out)
+    raise ValueError(f"unknown logger {cfg.kind!r}; expected none or wandb")

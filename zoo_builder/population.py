@@ -1,0 +1,320 @@
+"""Population training: many same-shaped ViTs trained together with `torch.func`.
+
+The parameters of m models are stacked ([m, ...] per tensor) and one `vmap(grad(...))` call computes
+every model's gradients on its own batch; `PopulationOptimizer` applies every model's own AdamW/SGD
+step with its own learning rate and weight decay. Each model has its own seed, data order, augmentation
+and label smoothing. `mode="loop"` trains the same models one by one with `nn.Module`s and
+`torch.optim` on exactly the same batches: the reference the population path is tested against.
+
+Shapes: m models, b batch, k outputs, C/H/W image.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, grad_and_value, vmap
+
+from zoo_builder.augment import affine_params, augment, epoch_generator
+from zoo_builder.blueprint import Factors
+from zoo_builder.data import info as dataset_info
+from zoo_builder.data import resize_for
+from zoo_builder.models import Architecture, build_vit
+from zoo_builder.optim import PopulationOptimizer, torch_optimizer
+
+# factors that must agree inside one population (they fix shapes, the data or the optimizer's code path)
+STACK_FACTORS = (
+    "objective", "optimizer", "batch_size", "epochs", "head", "head_hidden", "dropout", "drop_path",
+    "projection_dim", "dataset", "classes", "train_subset",
+)
+EVAL_BATCH = 500
+
+
+def stack_key(factors: Factors) -> tuple:
+    return tuple(repr(getattr(factors, name)) for name in STACK_FACTORS)
+
+
+@dataclass
+class EpochMetrics:
+    """Per-model metrics of one epoch, as python lists of length m."""
+
+    values: dict[str, list[float]]
+
+
+def smoothed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, smoothing: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy with label smoothing given as a tensor (so it can differ per model under vmap)."""
+    log_probs = F.log_softmax(logits.float(), dim=-1)  # [b, k]
+    nll = -log_probs.gather(-1, labels[:, None]).squeeze(-1)
+    uniform = -log_probs.mean(dim=-1)
+    return ((1 - smoothing) * nll + smoothing * uniform).mean()
+
+
+def info_nce(z1: torch.Tensor, z2: torch.Tensor, temperature: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """SimCLR's NT-Xent over two views [b, k]: loss, and the number of views whose positive is top-1."""
+    b = z1.shape[0]
+    z = F.normalize(torch.cat([z1, z2]).float(), dim=-1)  # [2b, k]
+    similarity = z @ z.T / temperature
+    similarity = similarity - 1e9 * torch.eye(2 * b, device=z.device)  # never match a view to itself
+    targets = torch.cat([torch.arange(b, 2 * b), torch.arange(b)]).to(z.device)
+    loss = F.cross_entropy(similarity, targets)
+    correct = (similarity.argmax(dim=-1) == targets).sum()
+    return loss, correct
+
+
+class PopulationTrainer:
+    """Trains m models that share every factor in `STACK_FACTORS` (see module docstring)."""
+
+    def __init__(
+        self,
+        factors: list[Factors],
+        init_states: list[dict[str, torch.Tensor]],
+        architecture: Architecture,
+        device: torch.device,
+        mode: str = "vmap",
+        precision: str = "fp32",
+        data_root: str | None = None,
+    ):
+        if mode not in ("vmap", "loop"):
+            raise ValueError(f"mode must be vmap or loop, got {mode!r}")
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
+        keys = {stack_key(f) for f in factors}
+        if len(keys) != 1:
+            raise ValueError("a population needs models that agree on " + ", ".join(STACK_FACTORS))
+        self.factors = factors
+        self.shared = factors[0]
+        self.m = len(factors)
+        self.device = device
+        self.mode = mode
+        self.precision = precision
+        self.contrastive = self.shared.objective == "contrastive"
+        self.data_root = data_root
+        meta = dataset_info(self.shared.dataset)
+        self.image_size = architecture.kwargs.get("img_size", meta.image_size)
+        self.hflip = meta.hflip
+        self.num_outputs = self.shared.num_outputs
+
+        def make_model():
+            model = build_vit(architecture, self.num_outputs, self.shared.head, self.shared.head_hidden,
+                              self.shared.dropout, self.shared.drop_path).to(device)
+            # vmap has no batching rule for the fused attention kernel: the unfused math path is faster here
+            for module in model.modules():
+                if hasattr(module, "fused_attn"):
+                    module.fused_attn = False
+            return model
+
+        per_model = lambda name: torch.tensor([float(getattr(f, name)) for f in factors], device=device)
+        self.lr = per_model("lr")
+        self.weight_decay = per_model("weight_decay")
+        self.smoothing = per_model("label_smoothing")
+        self.temperature = per_model("temperature")
+        self.strength = [f.augment for f in factors]
+        self.active = torch.ones(self.m, dtype=torch.bool, device=device)
+
+        if mode == "vmap":
+            self.template = make_model()
+            names = [name for name, _ in self.template.named_parameters()]
+            self.params = {
+                name: torch.stack([s[name].float() for s in init_states]).to(device).contiguous() for name in names
+            }
+            self.optimizer = PopulationOptimizer(self.shared.optimizer, self.lr, self.weight_decay)
+        else:
+            self.models = []
+            self.optimizers = []
+            for f, state in zip(factors, init_states):
+                model = make_model()
+                model.load_state_dict(state)
+                self.models.append(model)
+                self.optimizers.append(torch_optimizer(f.optimizer, model.parameters(), f.lr, f.weight_decay))
+
+    # ------------------------------------------------------------------------------------------ data
+
+    def split(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        from zoo_builder.data import load_split
+
+        images, labels = load_split(self.shared.dataset, split, self.data_root, self.shared.classes)
+        if split == "train" and self.shared.train_subset:
+            images, labels = images[: self.shared.train_subset], labels[: self.shared.train_subset]
+        return images.to(self.device), labels.to(self.device)
+
+    def _epoch_plan(self, epoch: int, n: int):
+        """Per-model data order [m, steps, b] and augmentation matrices [m, steps, b, 2, 3] (x2 views)."""
+        b = self.shared.batch_size
+        steps = n // b
+        if steps == 0:
+            raise ValueError(f"batch_size {b} exceeds the {n} training images of {self.shared.dataset}")
+        orders, thetas, thetas2 = [], [], []
+        for f in self.factors:
+            orders.append(torch.randperm(n, generator=epoch_generator(f.seed, epoch, 0))[: steps * b].view(steps, b))
+            thetas.append(affine_params(steps * b, f.augment, self.hflip, epoch_generator(f.seed, epoch, 1)))
+            if self.contrastive:
+                thetas2.append(affine_params(steps * b, f.augment, self.hflip, epoch_generator(f.seed, epoch, 2)))
+        order = torch.stack(orders)
+        theta = torch.stack(thetas).view(self.m, steps, b, 2, 3)
+        theta2 = torch.stack(thetas2).view(self.m, steps, b, 2, 3) if self.contrastive else None
+        return steps, order, theta, theta2
+
+    def _autocast(self):
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    # ---------------------------------------------------------------------------------------- losses
+
+    def _loss(self, forward, x, y, smoothing, temperature):
+        """Loss and number of correct predictions of one model. x: [b, C, H, W] or [2, b, C, H, W] (views)."""
+        with self._autocast():
+            if self.contrastive:
+                z = forward(x.flatten(0, 1))  # [2b, k]
+                loss, correct = info_nce(*z.float().chunk(2), temperature)
+            else:
+                logits = forward(x)
+                loss = smoothed_cross_entropy(logits, y, smoothing)
+                correct = (logits.argmax(dim=-1) == y).sum()
+        return loss, correct
+
+    def _batch(self, images, labels, order, theta, theta2, step):
+        """The batch of every model at `step`: x [m, b, C, H, W] (or [m, 2, b, ...]), y [m, b]."""
+        index = order[:, step].to(self.device)  # [m, b]
+        x, y = images[index], labels[index]
+        active_aug = torch.tensor([s > 0 for s in self.strength])
+        view1 = resize_for(augment(x, theta[:, step], active_aug), self.image_size)
+        if not self.contrastive:
+            return view1, y
+        view2 = resize_for(augment(x, theta2[:, step], active_aug), self.image_size)
+        return torch.stack([view1, view2], dim=1), y
+
+    # -------------------------------------------------------------------------------------- training
+
+    def train_epoch(self, epoch: int, progress=None) -> EpochMetrics:
+        """One epoch for every model; returns train loss and accuracy (averaged over the epoch's batches)."""
+        images, labels = self.split("train")
+        steps, order, theta, theta2 = self._epoch_plan(epoch, len(labels))
+        loss_sum = torch.zeros(self.m, device=self.device)
+        correct_sum = torch.zeros(self.m, device=self.device)
+        for step in range(steps):
+            x, y = self._batch(images, labels, order, theta, theta2, step)
+            losses, correct = self._train_step(x, y)
+            finite = torch.isfinite(losses)
+            self.active &= finite
+            loss_sum += torch.where(finite, losses, torch.nan).detach()
+            correct_sum += correct.float()
+            if progress is not None:
+                progress.update(1)
+        seen = steps * self.shared.batch_size * (2 if self.contrastive else 1)
+        return EpochMetrics({"train_loss": (loss_sum / steps).tolist(), "train_acc": (correct_sum / seen).tolist()})
+
+    def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.mode == "vmap":
+            def model_loss(params, x, y, smoothing, temperature):
+                forward = lambda inputs: functional_call(self.template, params, (inputs,))
+                return self._loss(forward, x, y, smoothing, temperature)
+
+            self.template.train()
+            grad_fn = vmap(grad_and_value(model_loss, has_aux=True), randomness="different")
+            grads, (losses, correct) = grad_fn(self.params, x, y, self.smoothing, self.temperature)
+            self.optimizer.step(self.params, grads, self.active & torch.isfinite(losses))
+            return losses.detach(), correct
+        losses, corrects = [], []
+        for i, (model, optimizer) in enumerate(zip(self.models, self.optimizers)):
+            model.train()
+            loss, correct = self._loss(model, x[i], y[i], self.smoothing[i], self.temperature[i])
+            if self.active[i] and torch.isfinite(loss):
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+            losses.append(loss.detach())
+            corrects.append(correct)
+        return torch.stack(losses), torch.stack(corrects)
+
+    # ------------------------------------------------------------------------------------ evaluation
+
+    @torch.no_grad()
+    def evaluate(self, split: str) -> EpochMetrics:
+        """Loss and accuracy of every model on a split, in eval mode. Contrastive models are scored by
+        InfoNCE on fixed augmented pairs (accuracy: the share of views whose positive ranks first)."""
+        images, labels = self.split(split)
+        n = len(labels)
+        batch = self.shared.batch_size if self.contrastive else EVAL_BATCH
+        loss_sum = torch.zeros(self.m, device=self.device)
+        correct_sum = torch.zeros(self.m, device=self.device)
+        counted = 0
+        for start in range(0, n - (n % batch if self.contrastive else 0), batch):
+            x, y = images[start : start + batch], labels[start : start + batch]
+            if self.contrastive:
+                g1, g2 = epoch_generator(0, start, 1), epoch_generator(0, start, 2)
+                theta1 = affine_params(len(y), 1.0, self.hflip, g1)[None]
+                theta2 = affine_params(len(y), 1.0, self.hflip, g2)[None]
+                one = torch.ones(1, dtype=torch.bool)
+                x = torch.stack([augment(x[None], theta1, one)[0], augment(x[None], theta2, one)[0]])  # [2, b, ...]
+            x = resize_for(x, self.image_size)
+            losses, correct = self._eval_batch(x, y)
+            loss_sum += losses * len(y)
+            correct_sum += correct.float()
+            counted += len(y)
+        views = 2 if self.contrastive else 1
+        return EpochMetrics({
+            f"{split}_loss": (loss_sum / counted).tolist(),
+            f"{split}_acc": (correct_sum / (counted * views)).tolist(),
+        })
+
+    def _eval_batch(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        zero = torch.zeros((), device=self.device)
+        if self.mode == "vmap":
+            self.template.eval()
+
+            def model_loss(params, temperature):
+                forward = lambda inputs: functional_call(self.template, params, (inputs,))
+                return self._loss(forward, x, y, zero, temperature)
+
+            return vmap(model_loss)(self.params, self.temperature)
+        results = []
+        for i, model in enumerate(self.models):
+            model.eval()
+            results.append(self._loss(model, x, y, zero, self.temperature[i]))
+        return torch.stack([r[0] for r in results]), torch.stack([r[1] for r in results])
+
+    # ---------------------------------------------------------------------------------- state access
+
+    def state_dicts(self) -> list[dict[str, torch.Tensor]]:
+        """Every model's weights (timm key names), on the CPU."""
+        if self.mode == "vmap":
+            return [{name: p[i].detach().cpu() for name, p in self.params.items()} for i in range(self.m)]
+        return [{k: v.detach().cpu() for k, v in model.state_dict().items()} for model in self.models]
+
+    def resume_state(self) -> dict[str, torch.Tensor]:
+        """Everything needed to continue training bit-for-bit (weights, optimizer state, divergence flags)."""
+        state = {"active": self.active.cpu()}
+        if self.mode == "vmap":
+            state.update({f"params.{k}": v.cpu() for k, v in self.params.items()})
+            state.update({f"optim.{k}": v.cpu() for k, v in self.optimizer.state_dict().items()})
+            return state
+        for i, (model, optimizer) in enumerate(zip(self.models, self.optimizers)):
+            state.update({f"model{i}.{k}": v.cpu() for k, v in model.state_dict().items()})
+            for p_index, p_state in optimizer.state_dict()["state"].items():
+                for key, value in p_state.items():
+                    state[f"optim{i}.{p_index}.{key}"] = torch.as_tensor(value).cpu()
+        return state
+
+    def load_resume_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.active = state["active"].to(self.device)
+        if self.mode == "vmap":
+            for k in self.params:
+                self.params[k].copy_(state[f"params.{k}"])
+            self.optimizer.load_state_dict(
+                {k[len("optim."):]: v.to(self.device) for k, v in state.items() if k.startswith("optim.")}
+            )
+            return
+        for i, (model, optimizer) in enumerate(zip(self.models, self.optimizers)):
+            prefix = f"model{i}."
+            model.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+            saved = optimizer.state_dict()
+            prefix = f"optim{i}."
+            for key, value in state.items():
+                if key.startswith(prefix):
+                    p_index, name = key[len(prefix):].split(".", 1)
+                    saved["state"].setdefault(int(p_index), {})[name] = value.to(self.device)
+            optimizer.load_state_dict(saved)

@@ -1,0 +1,405 @@
+"""The zoo format: a directory of safetensors checkpoints, run records and an index.
+
+```
+zoo.json                                  format version, architecture, datasets, blueprints
+runs/<model_id>.json                      one record per model: stage, parent, factors, head, status,
+                                          per-epoch metrics, its checkpoints (path, sha256)
+checkpoints/<model_id>/epoch_<NNNN>.safetensors   weights, timm key names, fp32
+index.jsonl                               one row per checkpoint (derived from the records)
+```
+
+Every file is written atomically (temp file in the same folder, fsync, rename), so a reader never sees
+a half-written file, and a build killed at any point resumes cleanly. Several builders may write
+disjoint runs into one zoo: records are per model, and `zoo.json`/`index.jsonl` are rewritten under a
+file lock. Run records are the source of truth; `Zoo.open` reads them, not the index.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from zoo_builder.models import Architecture, build_vit
+
+FORMAT_VERSION = 1
+STAGES = ("pretrain", "finetune", "sampled")
+BUNDLED = Path(__file__).resolve().parent / "bundled"
+
+
+class ZooError(RuntimeError):
+    """A zoo that is missing, corrupted or incompatible with what was asked."""
+
+
+# ----------------------------------------------------------------------------------------- atomic files
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+
+
+@contextlib.contextmanager
+def locked(path: Path):
+    """An exclusive advisory lock on `path` (created if needed), for read-modify-write of shared files."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def encode_state_dict(state_dict: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state_dict.items()}
+    return save_safetensors(tensors, metadata=metadata)
+
+
+# --------------------------------------------------------------------------------------------- reading
+
+
+@dataclass
+class ZooEntry:
+    """One checkpoint of one model."""
+
+    model_id: str
+    epoch: int
+    stage: str
+    parent_id: str | None
+    factors: dict
+    metrics: dict
+    head: dict  # {"head": "linear"|"mlp", "head_hidden": int, "num_classes": int}
+    path: Path
+    sha256: str
+    architecture: Architecture = field(repr=False)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights, checked against the recorded sha256 (a corrupted file raises ZooError naming it)."""
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            raise ZooError(f"checkpoint file missing: {self.path}") from None
+        if sha256_bytes(data) != self.sha256:
+            raise ZooError(f"checkpoint corrupted (sha256 mismatch): {self.path}")
+        try:
+            return load_safetensors(data)
+        except SafetensorError as error:
+            raise ZooError(f"checkpoint unreadable: {self.path}: {error}") from error
+
+    def model(self) -> torch.nn.Module:
+        """A timm ViT with this checkpoint loaded, in eval mode."""
+        model = build_vit(self.architecture, self.head["num_classes"], self.head["head"], self.head["head_hidden"])
+        model.load_state_dict(self.state_dict(), strict=True)
+        return model.eval()
+
+
+class Zoo:
+    """A population of checkpoints on disk. Iterate for entries; `filter` narrows them."""
+
+    def __init__(self, root: Path, meta: dict, records: dict[str, dict], entries: list[ZooEntry]):
+        self.root = root
+        self.meta = meta
+        self.records = records
+        self.entries = entries
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> Zoo:
+        """Open a zoo directory; `"bundled"` opens the zoo shipped with vitzoo."""
+        root = BUNDLED if str(path) == "bundled" else Path(path)
+        meta_path = root / "zoo.json"
+        if not meta_path.exists():
+            hint = " (the bundled zoo is not built in this checkout)" if root == BUNDLED else ""
+            raise ZooError(f"not a zoo: {meta_path} does not exist{hint}")
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ZooError(f"{meta_path}: format version {meta.get('format_version')} != {FORMAT_VERSION}")
+        architecture = Architecture(**meta["architecture"])
+        records = {}
+        for record_path in sorted((root / "runs").glob("*.json")):
+            try:
+                record = json.loads(record_path.read_text())
+            except json.JSONDecodeError as error:
+                raise ZooError(f"run record unreadable: {record_path}: {error}") from error
+            records[record["model_id"]] = record
+        entries = [
+            entry_from_record(root, record, checkpoint, architecture)
+            for record in records.values()
+            for checkpoint in record["checkpoints"]
+        ]
+        entries.sort(key=lambda e: (STAGES.index(e.stage), e.parent_id or "", e.model_id, e.epoch))
+        return cls(root, meta, records, entries)
+
+    @property
+    def architecture(self) -> Architecture:
+        return Architecture(**self.meta["architecture"])
+
+    @property
+    def dataset(self) -> str:
+        """The dataset of the zoo's final models (the fine-tuning dataset when there is a fine-tuning stage)."""
+        return self.meta["dataset"]
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __iter__(self) -> Iterator[ZooEntry]:
+        return iter(self.entries)
+
+    def __getitem__(self, index: int) -> ZooEntry:
+        return self.entries[index]
+
+    def models(self) -> list[str]:
+        return list(self.records)
+
+    def filter(
+        self,
+        stage: str | None = None,
+        epoch: int | str | None = None,
+        model_id: str | None = None,
+        parent_id: str | None = None,
+        status: str | None = None,
+        **factors,
+    ) -> Zoo:
+        """A view with the entries that match. `epoch="last"` keeps each model's last checkpoint;
+        factor values may be a single value or a list of accepted values."""
+        selected = []
+        for entry in self.entries:
+            record = self.records[entry.model_id]
+            if stage is not None and entry.stage != stage:
+                continue
+            if model_id is not None and entry.model_id != model_id:
+                continue
+            if parent_id is not None and entry.parent_id != parent_id:
+                continue
+            if status is not None and record["status"] != status:
+                continue
+            if isinstance(epoch, int) and entry.epoch != epoch:
+                continue
+            if epoch == "last" and entry.epoch != record["checkpoints"][-1]["epoch"]:
+                continue
+            if not all(_matches(entry.factors.get(name, _MISSING), wanted) for name, wanted in factors.items()):
+                unknown = [name for name in factors if name not in entry.factors]
+                if unknown:
+                    raise KeyError(f"unknown factor(s) {unknown}; known: {sorted(entry.factors)}")
+                continue
+            selected.append(entry)
+        return Zoo(self.root, self.meta, self.records, selected)
+
+    select = filter
+
+    def summary(self) -> str:
+        """A few lines: models per stage and status, checkpoints, size, accuracy spread of the last epochs."""
+        lines = [f"zoo {self.root} ({self.meta['blueprints'][0]['name'] if self.meta.get('blueprints') else '?'})"]
+        total_bytes = sum(e.path.stat().st_size for e in self.entries if e.path.exists())
+        lines.append(f"  {len(self.records)} models, {len(self.entries)} checkpoints, {total_bytes / 1e6:.1f} MB")
+        for stage in STAGES:
+            records = [r for r in self.records.values() if r["stage"] == stage]
+            if not records:
+                continue
+            statuses = {}
+            for r in records:
+                statuses[r["status"]] = statuses.get(r["status"], 0) + 1
+            accs = sorted(r["history"][-1]["test_acc"] for r in records if r["history"] and "test_acc" in r["history"][-1])
+            spread = ""
+            if accs:
+                spread = f"; final test_acc min {accs[0]:.3f} median {accs[len(accs) // 2]:.3f} max {accs[-1]:.3f}"
+            lines.append(f"  {stage}: {len(records)} models ({', '.join(f'{n} {s}' for s, n in statuses.items())}){spread}")
+        return "\n".join(lines)
+
+
+_MISSING = object()
+
+
+def _matches(value, wanted) -> bool:
+    if isinstance(wanted, (list, tuple, set)) and not isinstance(value, (list, tuple)):
+        return value in wanted
+    return value == wanted
+
+
+def entry_from_record(root: Path, record: dict, checkpoint: dict, architecture: Architecture) -> ZooEntry:
+    epoch = checkpoint["epoch"]
+    metrics = next((h for h in record["history"] if h["epoch"] == epoch), {})
+    return ZooEntry(
+        model_id=record["model_id"],
+        epoch=epoch,
+        stage=record["stage"],
+        parent_id=record["parent_id"],
+        factors=record["factors"],
+        metrics={k: v for k, v in metrics.items() if k != "epoch"},
+        head=record["head"],
+        path=root / checkpoint["path"],
+        sha256=checkpoint["sha256"],
+        architecture=architecture,
+    )
+
+
+# --------------------------------------------------------------------------------------------- writing
+
+
+class ZooWriter:
+    """Writes checkpoints and run records into a zoo directory, safely beside other writers."""
+
+    def __init__(self, root: Path, meta: dict):
+        self.root = root
+        self.meta = meta
+
+    @classmethod
+    def create_or_open(cls, root: str | os.PathLike, architecture: Architecture, dataset: str, datasets: list[str],
+                       blueprint: dict | None) -> ZooWriter:
+        """Create a zoo, or join an existing one with the same architecture (refusing anything else)."""
+        root = Path(root)
+        if root.exists() and not root.is_dir():
+            raise ZooError(f"output {root} exists and is not a directory")
+        if root.exists() and any(root.iterdir()) and not (root / "zoo.json").exists():
+            entries = [p.name for p in root.iterdir() if p.name not in ("logs", "zoo.lock")]
+            if entries:
+                raise ZooError(f"output {root} is not empty and holds no zoo (found {entries[:3]}); not writing there")
+        with locked(root / "zoo.lock"):
+            meta_path = root / "zoo.json"
+            if meta_path.exists():
+                meta = json.loads(meta_path.read_text())
+                if meta["architecture"] != architecture.to_dict():
+                    raise ZooError(
+                        f"{root} holds a zoo of another architecture ({meta['architecture']}) than asked "
+                        f"({architecture.to_dict()}); choose another out=<dir>"
+                    )
+                if meta["dataset"] != dataset:
+                    raise ZooError(f"{root} holds a zoo for dataset {meta['dataset']}, not {dataset}")
+            else:
+                meta = {
+                    "format_version": FORMAT_VERSION,
+                    "architecture": architecture.to_dict(),
+                    "dataset": dataset,
+                    "datasets": [],
+                    "blueprints": [],
+                    "created_by": code_version(),
+                }
+            changed = not meta_path.exists()
+            for name in datasets:
+                if name not in meta["datasets"]:
+                    meta["datasets"].append(name)
+                    changed = True
+            if blueprint is not None and blueprint not in meta["blueprints"]:
+                meta["blueprints"].append(blueprint)
+                changed = True
+            if changed:
+                atomic_write_json(meta_path, meta)
+        return cls(root, meta)
+
+    def record_path(self, model_id: str) -> Path:
+        return self.root / "runs" / f"{model_id}.json"
+
+    def read_record(self, model_id: str) -> dict | None:
+        path = self.record_path(model_id)
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def write_record(self, record: dict) -> None:
+        atomic_write_json(self.record_path(record["model_id"]), record)
+
+    def checkpoint_relpath(self, model_id: str, epoch: int) -> str:
+        return f"checkpoints/{model_id}/epoch_{epoch:04d}.safetensors"
+
+    def write_checkpoint(self, record: dict, epoch: int, state_dict: dict[str, torch.Tensor]) -> None:
+        """Write one checkpoint's weights and list it in the record (the record itself is written by the caller)."""
+        relpath = self.checkpoint_relpath(record["model_id"], epoch)
+        metadata = {
+            "model_id": record["model_id"],
+            "epoch": str(epoch),
+            "stage": record["stage"],
+            "architecture": json.dumps(self.meta["architecture"], sort_keys=True),
+            "head": json.dumps(record["head"], sort_keys=True),
+        }
+        data = encode_state_dict(state_dict, metadata)
+        atomic_write_bytes(self.root / relpath, data)
+        record["checkpoints"] = [c for c in record["checkpoints"] if c["epoch"] != epoch]
+        record["checkpoints"].append({"epoch": epoch, "path": relpath, "sha256": sha256_bytes(data)})
+        record["checkpoints"].sort(key=lambda c: c["epoch"])
+
+    def drop_checkpoint(self, record: dict, epoch: int) -> None:
+        """Forget an intermediate checkpoint that the keep-policy does not retain (file removed after the record)."""
+        record["checkpoints"] = [c for c in record["checkpoints"] if c["epoch"] != epoch]
+
+    def write_index(self) -> Path:
+        """Rebuild `index.jsonl` (one row per checkpoint) from the run records, under the zoo lock."""
+        with locked(self.root / "zoo.lock"):
+            zoo = Zoo.open(self.root)
+            rows = []
+            for entry in zoo:
+                rows.append({
+                    "model_id": entry.model_id,
+                    "stage": entry.stage,
+                    "parent_id": entry.parent_id,
+                    "epoch": entry.epoch,
+                    "status": zoo.records[entry.model_id]["status"],
+                    "factors": entry.factors,
+                    **entry.metrics,
+                    "path": str(entry.path.relative_to(self.root)),
+                    "sha256": entry.sha256,
+                })
+            data = "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows).encode()
+            atomic_write_bytes(self.root / "index.jsonl", data)
+        return self.root / "index.jsonl"
+
+
+def verify(root: str | os.PathLike) -> list[str]:
+    """Every problem found in a zoo: missing, truncated or corrupted checkpoints, unreadable records.
+    Returns one line per problem (empty when the zoo is sound)."""
+    problems = []
+    try:
+        zoo = Zoo.open(root)
+    except ZooError as error:
+        return [str(error)]
+    for entry in zoo:
+        try:
+            entry.state_dict()
+        except ZooError as error:
+            problems.append(str(error))
+    stray = [p for p in Path(zoo.root, "checkpoints").rglob("*.safetensors") if p not in {e.path for e in zoo}]
+    problems += [f"checkpoint not listed in any run record: {p}" for p in stray]
+    return problems
+
+
+def code_version() -> str:
+    """The vitzoo version and, when run from a git checkout, its commit."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        text = f"vitzoo {version('vitzoo')}"
+    except PackageNotFoundError:
+        text = "vitzoo (not installed)"
+    head = Path(__file__).resolve().parent.parent / ".git" / "HEAD"
+    with contextlib.suppress(OSError):
+        ref = head.read_text().strip()
+        if ref.startswith("ref: "):
+            ref = (head.parent / ref[5:]).read_text().strip()
+        text += f" @ {ref[:12]}"
+    return text
