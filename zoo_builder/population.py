@@ -282,21 +282,22 @@ class PopulationTrainer:
     def state_dicts(self) -> list[dict[str, torch.Tensor]]:
         """Every model's weights (timm key names), on the CPU."""
         if self.mode == "vmap":
-            return [{name: p[i].detach().cpu() for name, p in self.params.items()} for i in range(self.m)]
-        return [{k: v.detach().cpu() for k, v in model.state_dict().items()} for model in self.models]
+            return [{name: p[i].detach().cpu().clone() for name, p in self.params.items()} for i in range(self.m)]
+        return [{k: v.detach().cpu().clone() for k, v in model.state_dict().items()} for model in self.models]
 
     def resume_state(self) -> dict[str, torch.Tensor]:
-        """Everything needed to continue training bit-for-bit (weights, optimizer state, divergence flags)."""
-        state = {"active": self.active.cpu()}
+        """Everything needed to continue training bit-for-bit (weights, optimizer state, divergence flags),
+        copied to the CPU."""
+        state = {"active": self.active.cpu().clone()}
         if self.mode == "vmap":
-            state.update({f"params.{k}": v.cpu() for k, v in self.params.items()})
-            state.update({f"optim.{k}": v.cpu() for k, v in self.optimizer.state_dict().items()})
+            state.update({f"params.{k}": v.cpu().clone() for k, v in self.params.items()})
+            state.update({f"optim.{k}": v.cpu().clone() for k, v in self.optimizer.state_dict().items()})
             return state
         for i, (model, optimizer) in enumerate(zip(self.models, self.optimizers)):
-            state.update({f"model{i}.{k}": v.cpu() for k, v in model.state_dict().items()})
+            state.update({f"model{i}.{k}": v.cpu().clone() for k, v in model.state_dict().items()})
             for p_index, p_state in optimizer.state_dict()["state"].items():
                 for key, value in p_state.items():
-                    state[f"optim{i}.{p_index}.{key}"] = torch.as_tensor(value).cpu()
+                    state[f"optim{i}.{p_index}.{key}"] = torch.as_tensor(value).cpu().clone()
         return state
 
     def load_resume_state(self, state: dict[str, torch.Tensor]) -> None:

@@ -331,13 +331,15 @@ class ZooWriter:
     def write_checkpoint(self, record: dict, epoch: int, state_dict: dict[str, torch.Tensor]) -> None:
         """Write one checkpoint's weights and list it in the record (the record itself is written by the caller)."""
         relpath = self.checkpoint_relpath(record["model_id"], epoch)
-        metadata = {
+        # one metadata key: safetensors stores metadata in a hash map, so several keys would come out in a
+        # random order and the same weights would not give the same bytes (and sha256) in every process
+        metadata = {"vitzoo": json.dumps({
             "model_id": record["model_id"],
-            "epoch": str(epoch),
+            "epoch": epoch,
             "stage": record["stage"],
-            "architecture": json.dumps(self.meta["architecture"], sort_keys=True),
-            "head": json.dumps(record["head"], sort_keys=True),
-        }
+            "architecture": self.meta["architecture"],
+            "head": record["head"],
+        }, sort_keys=True)}
         data = encode_state_dict(state_dict, metadata)
         atomic_write_bytes(self.root / relpath, data)
         record["checkpoints"] = [c for c in record["checkpoints"] if c["epoch"] != epoch]

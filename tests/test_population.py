@@ -1,0 +1,93 @@
+"""The population (vmap) path against the per-model loop, the functional optimizers, divergence handling."""
+
+import pytest
+import torch
+
+from zoo_builder.blueprint import Factors, Run
+from zoo_builder.build import initial_state
+from zoo_builder.models import Architecture
+from zoo_builder.population import PopulationTrainer
+
+ARCH = Architecture("vit_small_patch16_224", {"img_size": 28, "patch_size": 7, "in_chans": 1, "embed_dim": 16,
+                                              "depth": 1, "num_heads": 2, "mlp_ratio": 2.0})
+
+
+def make_trainer(factors, mode):
+    states = [initial_state(Run(f"m{i}", "pretrain", f), ARCH, None) for i, f in enumerate(factors)]
+    return PopulationTrainer(factors, states, ARCH, torch.device("cpu"), mode)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+@pytest.mark.parametrize("objective", ["supervised", "contrastive"])
+def test_vmap_population_matches_per_model_loop(optimizer, objective):
+    factors = [
+        Factors(seed=s, lr=lr, weight_decay=wd, optimizer=optimizer, objective=objective, augment=aug,
+                label_smoothing=ls, batch_size=32, train_subset=128, head="mlp", head_hidden=8, epochs=2)
+        for s, lr, wd, aug, ls in [(0, 3e-3, 0.0, 0.0, 0.0), (1, 1e-3, 1e-2, 0.5, 0.1), (2, 1e-2, 1e-4, 1.0, 0.2)]
+    ]
+    population, loop = make_trainer(factors, "vmap"), make_trainer(factors, "loop")
+    for epoch in (1, 2):
+        got, want = population.train_epoch(epoch).values, loop.train_epoch(epoch).values
+        torch.testing.assert_close(torch.tensor(got["train_loss"]), torch.tensor(want["train_loss"]), rtol=1e-4,
+                                   atol=1e-5)
+    dim = ARCH.kwargs["embed_dim"]
+    for got, want in zip(population.state_dicts(), loop.state_dicts()):
+        assert got.keys() == want.keys()
+        for key in got:
+            if key.endswith("attn.qkv.bias"):
+                # the key bias has an exactly-zero true gradient (softmax ignores a constant shift), so Adam
+                # amplifies float noise there; it does not change the function. Compare q and v biases only.
+                q_and_v = torch.cat([torch.arange(dim), torch.arange(2 * dim, 3 * dim)])
+                got[key], want[key] = got[key][q_and_v], want[key][q_and_v]
+            torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=2e-5, msg=key)
+    # the models really trained, and differently from each other
+    first, second = population.state_dicts()[:2]
+    assert not torch.equal(first["blocks.0.attn.qkv.weight"], second["blocks.0.attn.qkv.weight"])
+    got, want = population.evaluate("val").values, loop.evaluate("val").values
+    torch.testing.assert_close(torch.tensor(got["val_loss"]), torch.tensor(want["val_loss"]), rtol=1e-4, atol=1e-5)
+    # accuracies may differ by a near-tie or two among the ~500 scored predictions
+    torch.testing.assert_close(torch.tensor(got["val_acc"]), torch.tensor(want["val_acc"]), rtol=0, atol=0.01)
+
+
+def test_models_in_a_population_are_independent():
+    """A model trains to the same weights alone as inside a population of others."""
+    base = dict(batch_size=32, train_subset=128, epochs=1)
+    alone = make_trainer([Factors(seed=3, lr=2e-3, **base)], "vmap")
+    crowd = make_trainer([Factors(seed=s, lr=lr, **base) for s, lr in [(0, 1e-2), (3, 2e-3), (5, 1e-4)]], "vmap")
+    alone.train_epoch(1)
+    crowd.train_epoch(1)
+    for key, value in alone.state_dicts()[0].items():
+        torch.testing.assert_close(crowd.state_dicts()[1][key], value, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["vmap", "loop"])
+def test_diverging_model_is_frozen_and_others_continue(mode):
+    factors = [Factors(seed=0, optimizer="sgd", lr=lr, batch_size=32, train_subset=256, epochs=2)
+               for lr in (1e-2, 1e12)]
+    trainer = make_trainer(factors, mode)
+    before = trainer.state_dicts()
+    metrics = trainer.train_epoch(1).values
+    assert trainer.active.tolist() == [True, False]
+    assert metrics["train_loss"][0] == metrics["train_loss"][0]  # finite
+    after = trainer.state_dicts()
+    assert all(torch.isfinite(v).all() for v in after[1].values()), "a diverged model keeps finite weights"
+    assert not torch.equal(before[0]["head.weight"], after[0]["head.weight"])
+
+
+def test_population_rejects_mixed_shapes():
+    with pytest.raises(ValueError, match="agree on"):
+        make_trainer([Factors(head="linear"), Factors(head="mlp")], "vmap")
+
+
+def test_resume_state_round_trip_continues_identically():
+    factors = [Factors(seed=s, lr=1e-3, batch_size=32, train_subset=128, epochs=2) for s in (0, 1)]
+    straight = make_trainer(factors, "vmap")
+    straight.train_epoch(1)
+    saved = straight.resume_state()
+    straight.train_epoch(2)
+    resumed = make_trainer(factors, "vmap")
+    resumed.load_resume_state(saved)
+    resumed.train_epoch(2)
+    for a, b in zip(straight.state_dicts(), resumed.state_dicts()):
+        for key in a:
+            assert torch.equal(a[key], b[key]), key
