@@ -17,13 +17,24 @@ def tiny_blueprint(**stage_overrides) -> dict:
         "name": "test_tiny",
         "architecture": {
             "model_name": "vit_small_patch16_224",
-            "kwargs": {"img_size": 28, "patch_size": 7, "in_chans": 1, "embed_dim": 16, "depth": 1,
-                       "num_heads": 2, "mlp_ratio": 2.0},
+            "kwargs": {
+                "img_size": 28,
+                "patch_size": 7,
+                "in_chans": 1,
+                "embed_dim": 16,
+                "depth": 1,
+                "num_heads": 2,
+                "mlp_ratio": 2.0,
+            },
         },
-        "pretrain": {"factors": {"dataset": "digits", "epochs": 2, "batch_size": 32, "train_subset": 256,
-                                 "lr": 3e-3}, "grid": [{"seed": [0, 1]}]},
-        "finetune": {"factors": {"dataset": "digits", "epochs": 3, "batch_size": 32, "train_subset": 256,
-                                 "head_hidden": 8}, "grid": [{"head": ["linear", "mlp"], "seed": [42]}]},
+        "pretrain": {
+            "factors": {"dataset": "digits", "epochs": 2, "batch_size": 32, "train_subset": 256, "lr": 3e-3},
+            "grid": [{"seed": [0, 1]}],
+        },
+        "finetune": {
+            "factors": {"dataset": "digits", "epochs": 3, "batch_size": 32, "train_subset": 256, "head_hidden": 8},
+            "grid": [{"head": ["linear", "mlp"], "seed": [42]}],
+        },
     }
     for stage, factors in stage_overrides.items():
         blueprint[stage]["factors"].update(factors)
@@ -33,8 +44,9 @@ def tiny_blueprint(**stage_overrides) -> dict:
 def run_cli(*args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
     """`vitzoo ...` in a subprocess (one torch thread, so it never fights the test process for cores)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
-    result = subprocess.run([sys.executable, "-m", "vitzoo.cli", *args], capture_output=True, text=True,
-                            env=env, timeout=timeout, cwd=REPO)
+    result = subprocess.run(
+        [sys.executable, "-m", "vitzoo.cli", *args], capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO
+    )
     if check and result.returncode != 0:
         raise AssertionError(f"vitzoo {' '.join(args)} failed ({result.returncode}):\n{result.stderr[-3000:]}")
     return result
@@ -46,7 +58,12 @@ def tiny_zoo(tmp_path_factory):
     from zoo_builder.build import BuildSettings, SavePolicy, build
 
     out = tmp_path_factory.mktemp("zoo") / "tiny"
-    settings = BuildSettings(out=out, device="cpu", progress=False, save_pretrain=SavePolicy(keep_init=True),
-                             save_finetune=SavePolicy(keep_last=2))
+    settings = BuildSettings(
+        out=out,
+        device="cpu",
+        progress=False,
+        save_pretrain=SavePolicy(keep_init=True),
+        save_finetune=SavePolicy(keep_last=2),
+    )
     build(tiny_blueprint(), settings)
     return Zoo.open(out)

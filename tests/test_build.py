@@ -61,15 +61,25 @@ def test_entry_model_reproduces_indexed_test_accuracy(tiny_zoo):
 def test_checkpoints_are_safetensors_with_timm_keys(tiny_zoo):
     entry = tiny_zoo.filter(stage="finetune", head="mlp", epoch="last")[0]
     weights = load_file(entry.path)
-    assert {"cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.attn.qkv.weight", "head.0.weight",
-            "head.2.weight"} <= set(weights)
+    assert {
+        "cls_token",
+        "pos_embed",
+        "patch_embed.proj.weight",
+        "blocks.0.attn.qkv.weight",
+        "head.0.weight",
+        "head.2.weight",
+    } <= set(weights)
     assert set(weights) == set(entry.model().state_dict())
 
 
 def test_finetune_starts_from_parent_body_with_fresh_head(tmp_path):
     out = tmp_path / "zoo"
-    build(tiny_blueprint(), BuildSettings(out=out, device="cpu", progress=False,
-                                          save_pretrain=SavePolicy(), save_finetune=SavePolicy(keep_init=True)))
+    build(
+        tiny_blueprint(),
+        BuildSettings(
+            out=out, device="cpu", progress=False, save_pretrain=SavePolicy(), save_finetune=SavePolicy(keep_init=True)
+        ),
+    )
     zoo = Zoo.open(out)
     child = zoo.filter(stage="finetune", head="linear", epoch=0)[0]
     parent = zoo.filter(model_id=child.parent_id, epoch="last")[0]
@@ -91,9 +101,16 @@ def test_filter_by_factors_stage_epoch(tiny_zoo):
 def test_rebuild_is_a_no_op(tiny_zoo):
     before = {p: p.stat().st_mtime_ns for p in tiny_zoo.root.rglob("*.safetensors")}
     started = time.perf_counter()
-    build(tiny_blueprint(), BuildSettings(out=tiny_zoo.root, device="cpu", progress=False,
-                                          save_pretrain=SavePolicy(keep_init=True),
-                                          save_finetune=SavePolicy(keep_last=2)))
+    build(
+        tiny_blueprint(),
+        BuildSettings(
+            out=tiny_zoo.root,
+            device="cpu",
+            progress=False,
+            save_pretrain=SavePolicy(keep_init=True),
+            save_finetune=SavePolicy(keep_last=2),
+        ),
+    )
     assert time.perf_counter() - started < 10
     assert {p: p.stat().st_mtime_ns for p in tiny_zoo.root.rglob("*.safetensors")} == before
 
@@ -102,8 +119,10 @@ def test_diverging_model_is_recorded_and_population_continues(tmp_path):
     blueprint = tiny_blueprint(pretrain={"optimizer": "sgd"})
     blueprint["pretrain"]["grid"] = [{"lr": [1e-2, 1e12]}]
     blueprint["finetune"] = None
-    build(blueprint, BuildSettings(out=tmp_path / "zoo", device="cpu", progress=False,
-                                   save_pretrain=SavePolicy(keep_init=True)))
+    build(
+        blueprint,
+        BuildSettings(out=tmp_path / "zoo", device="cpu", progress=False, save_pretrain=SavePolicy(keep_init=True)),
+    )
     records = {r["factors"]["lr"]: r for r in Zoo.open(tmp_path / "zoo").records.values()}
     assert records[1e-2]["status"] == "done"
     assert records[1e12]["status"] == "diverged"
@@ -158,8 +177,9 @@ def test_model_ids_are_stable_and_unique():
 
 def _write_blueprint_preset(tmp_path, epochs: int = 3):
     """The tiny blueprint as a Hydra override file (the CLI reads presets from configs/zoo)."""
-    blueprint = tiny_blueprint(pretrain={"epochs": epochs, "train_subset": 512},
-                               finetune={"epochs": epochs, "train_subset": 512})
+    blueprint = tiny_blueprint(
+        pretrain={"epochs": epochs, "train_subset": 512}, finetune={"epochs": epochs, "train_subset": 512}
+    )
     path = tmp_path / "blueprint.json"
     path.write_text(json.dumps(blueprint))
     return path
@@ -176,8 +196,12 @@ build(blueprint, BuildSettings(out=sys.argv[2], shard=sys.argv[3], device="cpu",
 
 
 def _builder(blueprint_path, out, shard="0/1"):
-    return subprocess.Popen([sys.executable, "-c", BUILD_SCRIPT, str(blueprint_path), str(out), shard], cwd=REPO,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, "-c", BUILD_SCRIPT, str(blueprint_path), str(out), shard],
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stderr=subprocess.PIPE,
+    )
 
 
 def _checksums(root):
@@ -220,3 +244,10 @@ def test_two_shards_into_one_directory_give_one_consistent_zoo(tmp_path):
     rows = [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines()]
     assert len(rows) == len(zoo) and {r["model_id"] for r in rows} == expected
     assert not verify(out)
+
+
+def test_save_policy_keeps_last_epochs_and_more_for_chosen_seeds():
+    policy = SavePolicy(keep_last=2, keep_init=True, extra_seeds=(42,), extra_keep_last=3)
+    assert [e for e in range(11) if policy.keeps(e, 10, seed=7)] == [0, 9, 10]
+    assert [e for e in range(11) if policy.keeps(e, 10, seed=42)] == [0, 8, 9, 10]
+    assert [e for e in range(4) if SavePolicy().keeps(e, 3, seed=0)] == [1, 2, 3]

@@ -49,8 +49,14 @@ def results(epochs: int, ray: bool = True) -> list[dict]:
     for i in range(epochs + 1 if ray else epochs):
         line = {"train_loss": 4.6 - 0.1 * i, "train_acc": 0.01 * i, "test_loss": 4.7 - 0.1 * i, "test_acc": 0.02 * i}
         if ray:
-            line |= {"training_iteration": i, "timestamp": 1_700_000_000 + i, "time_this_iter_s": 1.5,
-                     "done": False, "trial_id": "abc12_00000", "config": {"optim::lr": 0.001}}
+            line |= {
+                "training_iteration": i,
+                "timestamp": 1_700_000_000 + i,
+                "time_this_iter_s": 1.5,
+                "done": False,
+                "trial_id": "abc12_00000",
+                "config": {"optim::lr": 0.001},
+            }
         lines.append(line)
     return lines
 
@@ -65,19 +71,43 @@ def write_model(directory, config: dict, checkpoints: dict[str, dict[str, torch.
 
 
 def pretrain_config(**overrides) -> dict:
-    return {"dataset::name": "ImageNet1K", "model::init_type": "kaiming_normal", "model::o_dim": 1000,
-            "model::type": "vit_s_16", "optim::lr": 0.001, "optim::optimizer": "adamw", "optim::wd": 0.0001,
-            "seed": 42, "training::batchsize": 256, "training::epochs_train": 90, "training::label_smoothing": 0.1,
-            "training::mode": "sl", "training::temperature": 0, **overrides}
+    return {
+        "dataset::name": "ImageNet1K",
+        "model::init_type": "kaiming_normal",
+        "model::o_dim": 1000,
+        "model::type": "vit_s_16",
+        "optim::lr": 0.001,
+        "optim::optimizer": "adamw",
+        "optim::wd": 0.0001,
+        "seed": 42,
+        "training::batchsize": 256,
+        "training::epochs_train": 90,
+        "training::label_smoothing": 0.1,
+        "training::mode": "sl",
+        "training::temperature": 0,
+        **overrides,
+    }
 
 
 def finetune_config(**overrides) -> dict:
-    return {"dataset::name": "CIFAR100", "model::head::mlp": False, "model::head::hidden_dim": None,
-            "model::init_type": "kaiming_normal", "model::o_dim": 100, "optim::lr": 0.001,
-            "optim::optimizer": "AdamW", "optim::wd": 0, "seed": 42, "training::batchsize": 256,
-            "training::epochs_train": 50, "training::label_smoothing": 0.1, "pretraining::model": PARENT,
-            "pretraining::model::path": f"/ds2/model_zoos/zoos_vit/zoos/ImageNet/{PARENT}/checkpoint_2/checkpoints",
-            "pretraining::mode": "sl", **overrides}
+    return {
+        "dataset::name": "CIFAR100",
+        "model::head::mlp": False,
+        "model::head::hidden_dim": None,
+        "model::init_type": "kaiming_normal",
+        "model::o_dim": 100,
+        "optim::lr": 0.001,
+        "optim::optimizer": "AdamW",
+        "optim::wd": 0,
+        "seed": 42,
+        "training::batchsize": 256,
+        "training::epochs_train": 50,
+        "training::label_smoothing": 0.1,
+        "pretraining::model": PARENT,
+        "pretraining::model::path": f"/ds2/model_zoos/zoos_vit/zoos/ImageNet/{PARENT}/checkpoint_2/checkpoints",
+        "pretraining::mode": "sl",
+        **overrides,
+    }
 
 
 def make_tiny_source(root, split: bool = False, mode: str = "sl") -> dict[str, dict[int, dict[str, torch.Tensor]]]:
@@ -88,15 +118,34 @@ def make_tiny_source(root, split: bool = False, mode: str = "sl") -> dict[str, d
     parent = trajectory(vit(1000, seed=1, **TINY), [0, 2])
     linear = trajectory(vit(100, seed=2, **TINY), [0, 3])
     mlp = trajectory(vit(100, "mlp", hidden=16, seed=3, **TINY), [1, 2])  # hidden size read from head.0's shape
-    write_model(parent_dir, pretrain_config(**{"model::num_heads": 2, "training::mode": mode,
-                                               "training::temperature": 0.07 if mode == "cl" else 0}),
-                {f"checkpoint_{e}": s for e, s in parent.items()}, results(2))
-    write_model(children_dir / "ft_linear_adamw", finetune_config(),
-                {f"checkpoint_{e:04d}": s for e, s in linear.items()}, results(3))
-    write_model(children_dir / "ft_mlp_sgd",
-                finetune_config(**{"optim::optimizer": "SGD", "optim::lr": 0.003, "seed": 6312,
-                                   "model::head::mlp": True, "model::head::hidden_dim": 16}),
-                {f"checkpoint_{e:06d}": s for e, s in mlp.items()}, results(2, ray=False))
+    write_model(
+        parent_dir,
+        pretrain_config(
+            **{"model::num_heads": 2, "training::mode": mode, "training::temperature": 0.07 if mode == "cl" else 0}
+        ),
+        {f"checkpoint_{e}": s for e, s in parent.items()},
+        results(2),
+    )
+    write_model(
+        children_dir / "ft_linear_adamw",
+        finetune_config(),
+        {f"checkpoint_{e:04d}": s for e, s in linear.items()},
+        results(3),
+    )
+    write_model(
+        children_dir / "ft_mlp_sgd",
+        finetune_config(
+            **{
+                "optim::optimizer": "SGD",
+                "optim::lr": 0.003,
+                "seed": 6312,
+                "model::head::mlp": True,
+                "model::head::hidden_dim": 16,
+            }
+        ),
+        {f"checkpoint_{e:06d}": s for e, s in mlp.items()},
+        results(2, ray=False),
+    )
     rel = parent_dir.relative_to(root).as_posix(), children_dir.relative_to(root).as_posix()
     return {rel[0]: parent, f"{rel[1]}/ft_linear_adamw": linear, f"{rel[1]}/ft_mlp_sgd": mlp}
 
@@ -127,8 +176,10 @@ def test_import_tiny_nested(tiny_source, tmp_path):
     src, states = tiny_source
     zoo = import_vitmodelzoo(src, tmp_path / "zoo", progress=False)
 
-    assert zoo.architecture.to_dict() == {"model_name": "vit_small_patch16_224",
-                                          "kwargs": {"img_size": 32, "embed_dim": 24, "depth": 2, "num_heads": 2}}
+    assert zoo.architecture.to_dict() == {
+        "model_name": "vit_small_patch16_224",
+        "kwargs": {"img_size": 32, "embed_dim": 24, "depth": 2, "num_heads": 2},
+    }
     assert zoo.dataset == "cifar100" and zoo.meta["datasets"] == ["cifar100", "imagenet"]
     assert len(zoo.models()) == 3 and len(zoo) == 6
     records = by_source(zoo, src)
@@ -141,12 +192,24 @@ def test_import_tiny_nested(tiny_source, tmp_path):
 
     f = parent["factors"]
     assert (f["dataset"], f["objective"], f["optimizer"], f["lr"], f["weight_decay"], f["epochs"]) == (
-        "imagenet", "supervised", "adamw", 0.001, 0.0001, 90)
+        "imagenet",
+        "supervised",
+        "adamw",
+        0.001,
+        0.0001,
+        90,
+    )
     assert (f["seed"], f["batch_size"], f["label_smoothing"], f["init"]) == (42, 256, 0.1, "kaiming_normal")
     assert parent["head"] == {"head": "linear", "head_hidden": 32, "num_classes": 1000}
     f = linear["factors"]
     assert (f["dataset"], f["optimizer"], f["lr"], f["head"], f["seed"], f["epochs"]) == (
-        "cifar100", "adamw", 0.001, "linear", 42, 50)
+        "cifar100",
+        "adamw",
+        0.001,
+        "linear",
+        42,
+        50,
+    )
     f = mlp["factors"]
     assert (f["optimizer"], f["lr"], f["head"], f["head_hidden"], f["seed"]) == ("sgd", 0.003, "mlp", 16, 6312)
     assert mlp["head"] == {"head": "mlp", "head_hidden": 16, "num_classes": 100}
@@ -195,8 +258,9 @@ def test_import_full_size_vit_small(tmp_path):
     original = vit(1000)
     states = trajectory(original, [0, 1])
     relpath = "pretraining/sl_vit_s_16_224_seed_42_bs_256_lr_0.001_wd_0.0001_me_90"
-    write_model(src / relpath, pretrain_config(), {"checkpoint_000000": states[0], "checkpoint_000001": states[1]},
-                results(1))
+    write_model(
+        src / relpath, pretrain_config(), {"checkpoint_000000": states[0], "checkpoint_000001": states[1]}, results(1)
+    )
     zoo = import_vitmodelzoo(src, tmp_path / "zoo", progress=False)
     assert zoo.architecture.to_dict() == {"model_name": "vit_small_patch16_224", "kwargs": {}}
     assert zoo.dataset == "imagenet" and len(zoo) == 2
@@ -207,12 +271,15 @@ def test_import_full_size_vit_small(tmp_path):
         torch.testing.assert_close(zoo[1].model()(images), original.eval()(images), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("payload", [
-    pytest.param(lambda: [torch.zeros(3)], id="list"),
-    pytest.param(lambda: nn.Linear(2, 2), id="module"),
-    pytest.param(lambda: {"vit.cls_token": "not a tensor"}, id="dict-of-str"),
-    pytest.param(lambda: {"cls_token": torch.zeros(1, 1, 24)}, id="no-vit-prefix"),
-])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        pytest.param(lambda: [torch.zeros(3)], id="list"),
+        pytest.param(lambda: nn.Linear(2, 2), id="module"),
+        pytest.param(lambda: {"vit.cls_token": "not a tensor"}, id="dict-of-str"),
+        pytest.param(lambda: {"cls_token": torch.zeros(1, 1, 24)}, id="no-vit-prefix"),
+    ],
+)
 def test_refuses_what_is_not_a_state_dict(tiny_source, tmp_path, payload):
     src = tmp_path / "src"
     shutil.copytree(tiny_source[0], src)

@@ -8,8 +8,10 @@ from zoo_builder.build import initial_state
 from zoo_builder.models import Architecture
 from zoo_builder.population import PopulationTrainer
 
-ARCH = Architecture("vit_small_patch16_224", {"img_size": 28, "patch_size": 7, "in_chans": 1, "embed_dim": 16,
-                                              "depth": 1, "num_heads": 2, "mlp_ratio": 2.0})
+ARCH = Architecture(
+    "vit_small_patch16_224",
+    {"img_size": 28, "patch_size": 7, "in_chans": 1, "embed_dim": 16, "depth": 1, "num_heads": 2, "mlp_ratio": 2.0},
+)
 
 
 def make_trainer(factors, mode):
@@ -21,15 +23,28 @@ def make_trainer(factors, mode):
 @pytest.mark.parametrize("objective", ["supervised", "contrastive"])
 def test_vmap_population_matches_per_model_loop(optimizer, objective):
     factors = [
-        Factors(seed=s, lr=lr, weight_decay=wd, optimizer=optimizer, objective=objective, augment=aug,
-                label_smoothing=ls, batch_size=32, train_subset=128, head="mlp", head_hidden=8, epochs=2)
+        Factors(
+            seed=s,
+            lr=lr,
+            weight_decay=wd,
+            optimizer=optimizer,
+            objective=objective,
+            augment=aug,
+            label_smoothing=ls,
+            batch_size=32,
+            train_subset=128,
+            head="mlp",
+            head_hidden=8,
+            epochs=2,
+        )
         for s, lr, wd, aug, ls in [(0, 3e-3, 0.0, 0.0, 0.0), (1, 1e-3, 1e-2, 0.5, 0.1), (2, 1e-2, 1e-4, 1.0, 0.2)]
     ]
     population, loop = make_trainer(factors, "vmap"), make_trainer(factors, "loop")
     for epoch in (1, 2):
         got, want = population.train_epoch(epoch).values, loop.train_epoch(epoch).values
-        torch.testing.assert_close(torch.tensor(got["train_loss"]), torch.tensor(want["train_loss"]), rtol=1e-4,
-                                   atol=1e-5)
+        torch.testing.assert_close(
+            torch.tensor(got["train_loss"]), torch.tensor(want["train_loss"]), rtol=1e-4, atol=1e-5
+        )
     dim = ARCH.kwargs["embed_dim"]
     for got, want in zip(population.state_dicts(), loop.state_dicts()):
         assert got.keys() == want.keys()
@@ -62,8 +77,9 @@ def test_models_in_a_population_are_independent():
 
 @pytest.mark.parametrize("mode", ["vmap", "loop"])
 def test_diverging_model_is_frozen_and_others_continue(mode):
-    factors = [Factors(seed=0, optimizer="sgd", lr=lr, batch_size=32, train_subset=256, epochs=2)
-               for lr in (1e-2, 1e12)]
+    factors = [
+        Factors(seed=0, optimizer="sgd", lr=lr, batch_size=32, train_subset=256, epochs=2) for lr in (1e-2, 1e12)
+    ]
     trainer = make_trainer(factors, mode)
     before = trainer.state_dicts()
     metrics = trainer.train_epoch(1).values
@@ -91,3 +107,27 @@ def test_resume_state_round_trip_continues_identically():
     for a, b in zip(straight.state_dicts(), resumed.state_dicts()):
         for key in a:
             assert torch.equal(a[key], b[key]), key
+
+
+def test_bf16_autocast_trains_with_finite_losses():
+    factors = [Factors(seed=s, batch_size=32, train_subset=128, epochs=1) for s in (0, 1)]
+    states = [initial_state(Run(f"m{i}", "pretrain", f), ARCH, None) for i, f in enumerate(factors)]
+    trainer = PopulationTrainer(factors, states, ARCH, torch.device("cpu"), "vmap", precision="bf16")
+    losses = trainer.train_epoch(1).values["train_loss"]
+    assert all(loss == loss and loss < 10 for loss in losses)
+    assert all(v.dtype == torch.float32 for v in trainer.state_dicts()[0].values()), "weights stay fp32"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_population_matches_cpu_population():
+    factors = [Factors(seed=s, lr=1e-3, batch_size=32, train_subset=128, epochs=1) for s in (0, 1, 2)]
+    states = [initial_state(Run(f"m{i}", "pretrain", f), ARCH, None) for i, f in enumerate(factors)]
+    on_cpu = PopulationTrainer(factors, states, ARCH, torch.device("cpu"), "vmap")
+    on_gpu = PopulationTrainer(factors, states, ARCH, torch.device("cuda"), "vmap")
+    on_cpu.train_epoch(1)
+    on_gpu.train_epoch(1)
+    for a, b in zip(on_cpu.state_dicts(), on_gpu.state_dicts()):
+        for key in a:
+            if not key.endswith("qkv.bias"):  # see test_vmap_population_matches_per_model_loop
+                torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-4, msg=key)

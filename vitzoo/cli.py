@@ -90,7 +90,9 @@ def run_hydra(command: str, config_name: str, overrides: list[str], task) -> Non
             validate_overrides(config_name, [o for o in overrides if o not in sweep_flags])
         except Exception as error:  # Hydra and OmegaConf raise many types; all mean bad input here
             fail(command, _config_error(error))
-    sys.argv = [f"vitzoo {command}", *overrides]
+    # Hydra's parser wants its flags before the overrides (`vitzoo build out=x --multirun a=1,2` is fine here)
+    flags = [o for o in overrides if o.startswith("-")]
+    sys.argv = [f"vitzoo {command}", *flags, *[o for o in overrides if not o.startswith("-")]]
     hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name=config_name)(task)()
 
 
@@ -107,7 +109,7 @@ def build_task(cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
-    from zoo_builder.build import BuildSettings, SavePolicy, build
+    from zoo_builder.build import BuildSettings, build
     from zoo_builder.data import DatasetError
     from zoo_builder.logger import make_logger
     from zoo_builder.zoo import Zoo, ZooError
@@ -119,9 +121,16 @@ def build_task(cfg) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     (run_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(resolved))
     settings = BuildSettings(
-        out=out, shard=cfg.shard, device=cfg.device, precision=cfg.precision, mode=cfg.mode,
-        population_size=cfg.population_size, data_root=cfg.data_root, progress=cfg.progress,
-        save_pretrain=SavePolicy(**cfg.save.pretrain), save_finetune=SavePolicy(**cfg.save.finetune),
+        out=out,
+        shard=cfg.shard,
+        device=cfg.device,
+        precision=cfg.precision,
+        mode=cfg.mode,
+        population_size=cfg.population_size,
+        data_root=cfg.data_root,
+        progress=cfg.progress,
+        save_pretrain=save_policy(cfg.save.pretrain),
+        save_finetune=save_policy(cfg.save.finetune),
     )
     logger = make_logger(OmegaConf.to_object(cfg.logger), resolved, cfg.zoo.name, out)
     try:
@@ -132,6 +141,12 @@ def build_task(cfg) -> None:
         if logger is not None:
             logger.finish()
     print(Zoo.open(out).summary())
+
+
+def save_policy(cfg):
+    from zoo_builder.build import SavePolicy
+
+    return SavePolicy(cfg.keep_last, cfg.keep_init, tuple(cfg.extra_seeds), cfg.extra_keep_last)
 
 
 # -------------------------------------------------------------------------------------- plain commands

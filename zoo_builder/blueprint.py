@@ -41,7 +41,9 @@ class Factors:
     dropout: float = 0.0
     drop_path: float = 0.0
     label_smoothing: float = 0.0
-    init: str = "timm"  # timm | kaiming_normal | xavier_uniform (from-scratch runs)
+    init: str = (
+        "timm"  # timm | torch | kaiming_normal | xavier_uniform (whole model from scratch; the head when fine-tuning)
+    )
     temperature: float = 0.1  # InfoNCE temperature (contrastive only)
     projection_dim: int = 32  # contrastive head's output size
     dataset: str = "digits"

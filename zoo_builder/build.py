@@ -30,15 +30,18 @@ FINISHED = ("done", "diverged", "skipped")
 
 @dataclass
 class SavePolicy:
-    """Which epochs keep their weights on disk (metrics are kept for every epoch regardless)."""
+    """Which epochs keep their weights on disk (metrics are recorded for every epoch regardless)."""
 
     keep_last: int | None = None  # the last k epochs; None keeps every epoch
     keep_init: bool = False  # also keep epoch 0 (the initialisation, or parent + fresh head)
+    extra_seeds: tuple[int, ...] = ()  # models with one of these seeds keep `extra_keep_last` epochs instead
+    extra_keep_last: int | None = None
 
-    def keeps(self, epoch: int, epochs: int) -> bool:
+    def keeps(self, epoch: int, epochs: int, seed: int) -> bool:
         if epoch == 0:
             return self.keep_init
-        return self.keep_last is None or epoch > epochs - self.keep_last
+        keep_last = self.extra_keep_last if seed in self.extra_seeds else self.keep_last
+        return keep_last is None or epoch > epochs - keep_last
 
 
 @dataclass
@@ -73,8 +76,9 @@ def build(blueprint_cfg, settings: BuildSettings, logger=None) -> Path:
         populations = group_populations(stage_runs, settings.population_size)
         for number, population in enumerate(populations, 1):
             label = f"{stage} {number}/{len(populations)}"
-            train_population(writer, blueprint.model_architecture, population, policies[stage], device, settings,
-                             label, logger)
+            train_population(
+                writer, blueprint.model_architecture, population, policies[stage], device, settings, label, logger
+            )
     writer.write_index()
     if logger is not None:
         logger.log_index(settings.out)
@@ -99,8 +103,11 @@ def new_record(run: Run, blueprint_name: str | None = None) -> dict:
         "stage": run.stage,
         "parent_id": run.parent_id,
         "factors": run.factors.to_dict(),
-        "head": {"head": run.factors.head, "head_hidden": run.factors.head_hidden,
-                 "num_classes": run.factors.num_outputs},
+        "head": {
+            "head": run.factors.head,
+            "head_hidden": run.factors.head_hidden,
+            "num_classes": run.factors.num_outputs,
+        },
         "status": "training",
         "history": [],
         "checkpoints": [],
@@ -119,7 +126,9 @@ def initial_state(run: Run, architecture: Architecture, parent_state: dict[str, 
     body = {k: v for k, v in parent_state.items() if not k.startswith("head.")}
     missing, unexpected = model.load_state_dict(body, strict=False)
     if unexpected or any(not k.startswith("head.") for k in missing):
-        raise RuntimeError(f"parent {run.parent_id} does not fit the architecture: missing {missing}, extra {unexpected}")
+        raise RuntimeError(
+            f"parent {run.parent_id} does not fit the architecture: missing {missing}, extra {unexpected}"
+        )
     torch.manual_seed(f.seed)
     model.head = new_head(model, f.num_outputs, f.head, f.head_hidden)
     init_linear_layers(model.head, f.init)
@@ -130,8 +139,16 @@ def _finite_or_none(value: float):
     return value if value == value and abs(value) != float("inf") else None
 
 
-def train_population(writer: ZooWriter, architecture: Architecture, runs: list[Run], policy: SavePolicy,
-                     device: torch.device, settings: BuildSettings, label: str, logger=None) -> None:
+def train_population(
+    writer: ZooWriter,
+    architecture: Architecture,
+    runs: list[Run],
+    policy: SavePolicy,
+    device: torch.device,
+    settings: BuildSettings,
+    label: str,
+    logger=None,
+) -> None:
     root = writer.root
     state_path = root / "_state" / f"{population_id(runs)}.safetensors"
     with locked(root / "_state" / f"{population_id(runs)}.lock"):
@@ -149,8 +166,15 @@ def train_population(writer: ZooWriter, architecture: Architecture, runs: list[R
             if meta["model_ids"] != [r.model_id for r in runs]:
                 raise RuntimeError(f"resume state {state_path} belongs to other runs; remove it to start over")
             init_states = [initial_state(run, architecture, parent) for run, parent in members]
-            trainer = PopulationTrainer([r.factors for r in runs], init_states, architecture, device,
-                                        settings.mode, settings.precision, settings.data_root)
+            trainer = PopulationTrainer(
+                [r.factors for r in runs],
+                init_states,
+                architecture,
+                device,
+                settings.mode,
+                settings.precision,
+                settings.data_root,
+            )
             trainer.load_resume_state(saved)
             start_epoch = meta["epoch"]
             histories = meta["histories"]
@@ -158,8 +182,15 @@ def train_population(writer: ZooWriter, architecture: Architecture, runs: list[R
             _write_epoch(writer, runs, records, trainer, histories, start_epoch, epochs, policy)
         else:
             init_states = [initial_state(run, architecture, parent) for run, parent in members]
-            trainer = PopulationTrainer([r.factors for r in runs], init_states, architecture, device,
-                                        settings.mode, settings.precision, settings.data_root)
+            trainer = PopulationTrainer(
+                [r.factors for r in runs],
+                init_states,
+                architecture,
+                device,
+                settings.mode,
+                settings.precision,
+                settings.data_root,
+            )
             start_epoch = 0
             histories = {run.model_id: [] for run in runs}
             metrics = _evaluate(trainer)
@@ -226,7 +257,11 @@ def _write_epoch(writer, runs, records, trainer, histories, epoch, epochs, polic
             continue
         record["history"] = histories[run.model_id]
         diverged = not bool(trainer.active[i])
-        if not diverged and policy.keeps(epoch, epochs) and not any(c["epoch"] == epoch for c in record["checkpoints"]):
+        if (
+            not diverged
+            and policy.keeps(epoch, epochs, run.factors.seed)
+            and not any(c["epoch"] == epoch for c in record["checkpoints"])
+        ):
             writer.write_checkpoint(record, epoch, states[i])
         if diverged:
             record.update(status="diverged", diverged_epoch=record["history"][-1]["epoch"])
@@ -242,8 +277,9 @@ def _progress(settings: BuildSettings, label: str, runs, epochs: int, start_epoc
 
     images = len(trainer.split("train")[1])
     steps = images // runs[0].factors.batch_size
-    return tqdm(total=steps * (epochs - start_epoch), desc=f"{label}: {len(runs)} models", unit="step",
-                initial=0, leave=False)
+    return tqdm(
+        total=steps * (epochs - start_epoch), desc=f"{label}: {len(runs)} models", unit="step", initial=0, leave=False
+    )
 
 
 def _safetensors_metadata(path: Path) -> dict[str, str]:

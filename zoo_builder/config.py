@@ -4,7 +4,7 @@ an unknown key or a value of the wrong type fails before anything runs)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import List, Optional
 
 from hydra.core.config_store import ConfigStore
 
@@ -14,8 +14,10 @@ from zoo_builder.logger import LoggerConfig
 
 @dataclass
 class SavePolicyConfig:
-    keep_last: Optional[int] = None
-    keep_init: bool = False
+    keep_last: Optional[int] = None  # the last k epochs keep their weights; null keeps every epoch
+    keep_init: bool = False  # also keep epoch 0
+    extra_seeds: List[int] = field(default_factory=list)  # models with these seeds keep extra_keep_last epochs
+    extra_keep_last: Optional[int] = None
 
 
 @dataclass

@@ -78,7 +78,9 @@ def load_split(
     classes = tuple(int(c) for c in classes)
     num_classes = info(name).num_classes
     if not classes or len(set(classes)) != len(classes) or not all(0 <= c < num_classes for c in classes):
-        raise DatasetError(f"class subset {list(classes)} is not a set of distinct classes of {name} (0..{num_classes - 1})")
+        raise DatasetError(
+            f"class subset {list(classes)} is not a set of distinct classes of {name} (0..{num_classes - 1})"
+        )
     remap = torch.full((num_classes,), -1, dtype=torch.long)
     remap[list(classes)] = torch.arange(len(classes))
     keep = remap[labels] >= 0

@@ -61,12 +61,25 @@ METRIC = re.compile(r"(train|val|test)_\w+")
 BLOCK_KEY = re.compile(r"blocks\.(\d+)\.")
 MODEL_NAME = "vit_small_patch16_224"
 # timm's vit_small_patch16_224 constructor defaults; an imported architecture stores only what differs
-VIT_SMALL = {"img_size": 224, "patch_size": 16, "in_chans": 3, "embed_dim": 384, "depth": 12, "num_heads": 6,
-             "mlp_ratio": 4.0, "qkv_bias": True}
+VIT_SMALL = {
+    "img_size": 224,
+    "patch_size": 16,
+    "in_chans": 3,
+    "embed_dim": 384,
+    "depth": 12,
+    "num_heads": 6,
+    "mlp_ratio": 4.0,
+    "qkv_bias": True,
+}
 # config key -> (factor, type); required in every config.json
-REQUIRED = {"seed": ("seed", int), "optim::optimizer": ("optimizer", str), "optim::lr": ("lr", float),
-            "optim::wd": ("weight_decay", float), "training::batchsize": ("batch_size", int),
-            "training::epochs_train": ("epochs", int)}
+REQUIRED = {
+    "seed": ("seed", int),
+    "optim::optimizer": ("optimizer", str),
+    "optim::lr": ("lr", float),
+    "optim::wd": ("weight_decay", float),
+    "training::batchsize": ("batch_size", int),
+    "training::epochs_train": ("epochs", int),
+}
 OBJECTIVES = {"sl": "supervised", "cl": "contrastive"}
 DATASET_NAMES = {"imagenet": "imagenet", "imagenet1k": "imagenet", "cifar100": "cifar100", "cifar10": "cifar10"}
 STAGE_DATASET = {"pretrain": "imagenet", "finetune": "cifar100"}
@@ -127,8 +140,9 @@ def import_vitmodelzoo(src: Path, dst: Path, progress: bool = True) -> Zoo:
     if len(final) != 1:
         raise ImportErrorBadInput(f"{src}: the {final_stage} models use several datasets {final}; import them apart")
     first = models[0]
-    architecture = infer_architecture(load_vit_state_dict(first.checkpoints[0][1]), num_heads_of(first),
-                                      first.checkpoints[0][1])
+    architecture = infer_architecture(
+        load_vit_state_dict(first.checkpoints[0][1]), num_heads_of(first), first.checkpoints[0][1]
+    )
     try:
         writer = ZooWriter.create_or_open(dst, architecture, final[0], sorted(set(datasets.values())), None)
     except ZooError as error:
@@ -180,8 +194,13 @@ def read_model(directory: Path, src: Path, checkpoint_dirs: list[str]) -> Source
         checkpoints[epoch] = path
     if not checkpoints:
         raise ImportErrorBadInput(f"{directory}: model directory without checkpoint_<N>/checkpoints")
-    return SourceModel(directory=directory, relpath=directory.relative_to(src).as_posix(), config=config,
-                       history=read_history(result_path), checkpoints=sorted(checkpoints.items()))
+    return SourceModel(
+        directory=directory,
+        relpath=directory.relative_to(src).as_posix(),
+        config=config,
+        history=read_history(result_path),
+        checkpoints=sorted(checkpoints.items()),
+    )
 
 
 def read_history(path: Path) -> list[dict]:
@@ -198,8 +217,11 @@ def read_history(path: Path) -> list[dict]:
         epoch = result.get("training_iteration", result.get("epoch", index + 1))
         if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
             raise ImportErrorBadInput(f"{path}:{number}: epoch/training_iteration must be an integer >= 0")
-        metrics = {k: _finite_or_none(float(v)) for k, v in result.items()
-                   if METRIC.fullmatch(k) and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        metrics = {
+            k: _finite_or_none(float(v))
+            for k, v in result.items()
+            if METRIC.fullmatch(k) and isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
         rows[epoch] = {"epoch": epoch, **metrics}
     return [rows[epoch] for epoch in sorted(rows)]
 
@@ -212,8 +234,9 @@ def link_parents(models: list[SourceModel]) -> None:
     """Set each fine-tuned model's parent: the enclosing model directory, else the pre-trained model named in
     its config (by directory name); also `parent_epoch` from the named checkpoint path, when there is one."""
     by_directory = {m.directory: m for m in models}
-    enclosing = {m.relpath: next((by_directory[p] for p in m.directory.parents if p in by_directory), None)
-                 for m in models}
+    enclosing = {
+        m.relpath: next((by_directory[p] for p in m.directory.parents if p in by_directory), None) for m in models
+    }
     pretrained = [m for m in models if enclosing[m.relpath] is None and not parent_names(m.config)]
     for model in models:
         names = parent_names(model.config)
@@ -222,12 +245,16 @@ def link_parents(models: list[SourceModel]) -> None:
             candidates = [m for m in pretrained if m.directory.name in names]
             if len(candidates) != 1:
                 found = "none" if not candidates else ", ".join(str(m.directory) for m in candidates)
-                raise ImportErrorBadInput(f"{model.config_path}: names pre-trained model {sorted(names)}; "
-                                          f"expected one such model directory in the source, found {found}")
+                raise ImportErrorBadInput(
+                    f"{model.config_path}: names pre-trained model {sorted(names)}; "
+                    f"expected one such model directory in the source, found {found}"
+                )
             parent = candidates[0]
         if parent is not None and (enclosing[parent.relpath] is not None or parent_names(parent.config)):
-            raise ImportErrorBadInput(f"{model.directory}: fine-tuned from a fine-tuned model ({parent.directory}); "
-                                      "only pre-trained parents are supported")
+            raise ImportErrorBadInput(
+                f"{model.directory}: fine-tuned from a fine-tuned model ({parent.directory}); "
+                "only pre-trained parents are supported"
+            )
         model.parent = parent
         path = model.config.get("pretraining::model::path")
         numbers = [CHECKPOINT_DIR.fullmatch(p) for p in PurePosixPath(path).parts] if isinstance(path, str) else []
@@ -305,14 +332,22 @@ def infer_architecture(state: dict[str, torch.Tensor], num_heads: int | None, pa
         raise ImportErrorBadInput(f"{path}: pos_embed has {tokens} tokens, not 1 class token + a square grid")
     if num_heads is None:
         if dim % 64:
-            raise ImportErrorBadInput(f"{path}: cannot infer num_heads for embed_dim {dim}; "
-                                      "give model::num_heads in config.json")
+            raise ImportErrorBadInput(
+                f"{path}: cannot infer num_heads for embed_dim {dim}; give model::num_heads in config.json"
+            )
         num_heads = dim // 64
     if num_heads < 1 or dim % num_heads:
         raise ImportErrorBadInput(f"{path}: num_heads {num_heads} does not divide embed_dim {dim}")
-    values = {"img_size": grid * patch, "patch_size": patch, "in_chans": in_chans, "embed_dim": dim,
-              "depth": len({int(m.group(1)) for k in state if (m := BLOCK_KEY.match(k))}),
-              "num_heads": num_heads, "mlp_ratio": hidden / dim, "qkv_bias": "blocks.0.attn.qkv.bias" in state}
+    values = {
+        "img_size": grid * patch,
+        "patch_size": patch,
+        "in_chans": in_chans,
+        "embed_dim": dim,
+        "depth": len({int(m.group(1)) for k in state if (m := BLOCK_KEY.match(k))}),
+        "num_heads": num_heads,
+        "mlp_ratio": hidden / dim,
+        "qkv_bias": "blocks.0.attn.qkv.bias" in state,
+    }
     return Architecture(MODEL_NAME, {k: v for k, v in values.items() if v != VIT_SMALL[k]})
 
 
@@ -322,8 +357,11 @@ def infer_head(state: dict[str, torch.Tensor], path: Path) -> dict:
     if "head.weight" in state:  # (classes, d)
         return {"head": "linear", "head_hidden": Factors().head_hidden, "num_classes": state["head.weight"].shape[0]}
     if "head.0.weight" in state and "head.2.weight" in state:  # (hidden, d), (classes, hidden)
-        return {"head": "mlp", "head_hidden": state["head.0.weight"].shape[0],
-                "num_classes": state["head.2.weight"].shape[0]}
+        return {
+            "head": "mlp",
+            "head_hidden": state["head.0.weight"].shape[0],
+            "num_classes": state["head.2.weight"].shape[0],
+        }
     raise ImportErrorBadInput(f"{path}: no classification head (head.weight, or head.0/head.2 for an MLP)")
 
 
@@ -376,8 +414,10 @@ def source_factors(model: SourceModel, head: dict, dataset: str) -> Factors:
     except ValueError as error:
         raise ImportErrorBadInput(f"{path}: {error}") from error
     if factors.num_outputs != head["num_classes"]:
-        raise ImportErrorBadInput(f"{path}: the head has {head['num_classes']} outputs but {dataset} has "
-                                  f"{dataset_info(dataset).num_classes} classes")
+        raise ImportErrorBadInput(
+            f"{path}: the head has {head['num_classes']} outputs but {dataset} has "
+            f"{dataset_info(dataset).num_classes} classes"
+        )
     return factors
 
 
@@ -387,8 +427,10 @@ def import_model(writer: ZooWriter, model: SourceModel, architecture: Architectu
     first = load_vit_state_dict(first_path)
     found = infer_architecture(first, num_heads_of(model), first_path)
     if found != architecture:
-        raise ImportErrorBadInput(f"{first_path}: architecture {found.to_dict()} differs from the zoo's "
-                                  f"{architecture.to_dict()}; a zoo holds one architecture, import these apart")
+        raise ImportErrorBadInput(
+            f"{first_path}: architecture {found.to_dict()} differs from the zoo's "
+            f"{architecture.to_dict()}; a zoo holds one architecture, import these apart"
+        )
     head = infer_head(first, first_path)
     factors = source_factors(model, head, dataset)
     network = build_vit(architecture, head["num_classes"], head["head"], head["head_hidden"])

@@ -25,8 +25,15 @@ class WandbLogger:
         import wandb
 
         self.wandb = wandb
-        self.run = wandb.init(project=cfg.project, entity=cfg.entity, mode=cfg.mode, group=zoo_name,
-                              job_type="build", config=config, dir=str(out))
+        self.run = wandb.init(
+            project=cfg.project,
+            entity=cfg.entity,
+            mode=cfg.mode,
+            group=zoo_name,
+            job_type="build",
+            config=config,
+            dir=str(out),
+        )
         self.run.define_metric("epoch")
         self.run.define_metric("models/*", step_metric="epoch")
 

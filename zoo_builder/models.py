@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 HEADS = ("linear", "mlp")
-INIT_SCHEMES = ("timm", "kaiming_normal", "xavier_uniform")
+INIT_SCHEMES = ("timm", "torch", "kaiming_normal", "xavier_uniform")
 
 
 @dataclass
@@ -64,9 +64,10 @@ def new_head(model: nn.Module, num_classes: int, head: str, head_hidden: int) ->
 
 
 def initialize_weights(model: nn.Module, scheme: str) -> None:
-    """Re-initialise a freshly built model in place. `timm` keeps timm's own init; `kaiming_normal` is the ViT
-    Model Zoo's from-scratch init (Kaiming-normal weights, biases 0.01); `xavier_uniform` the classic
-    alternative. LayerNorms, class token and position embedding keep timm's init under every scheme."""
+    """Re-initialise a freshly built model in place. `timm` keeps timm's own init; `torch` uses PyTorch's
+    default layer init; `kaiming_normal` is the ViT Model Zoo's from-scratch init (Kaiming-normal weights,
+    biases 0.01); `xavier_uniform` the classic alternative. LayerNorms, class token and position embedding
+    keep timm's init under every scheme."""
     if scheme not in INIT_SCHEMES:
         raise ValueError(f"unknown init scheme {scheme!r}; expected one of {INIT_SCHEMES}")
     if scheme != "timm":
@@ -74,9 +75,13 @@ def initialize_weights(model: nn.Module, scheme: str) -> None:
 
 
 def init_linear_layers(module: nn.Module, scheme: str) -> None:
-    """Initialise every Linear/Conv2d inside `module` by `scheme` (`timm`: truncated normal std .02, zero bias)."""
+    """Initialise every Linear/Conv2d inside `module` by `scheme` (`timm`: truncated normal std .02, zero bias;
+    `torch`: the layer's own `reset_parameters`, i.e. PyTorch's default)."""
     for layer in module.modules():
         if not isinstance(layer, (nn.Linear, nn.Conv2d)):
+            continue
+        if scheme == "torch":
+            layer.reset_parameters()
             continue
         if scheme == "timm":
             nn.init.trunc_normal_(layer.weight, std=0.02)

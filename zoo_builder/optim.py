@@ -42,7 +42,8 @@ class PopulationOptimizer:
             g = torch.where(keep, 0.0, grads[name])
             lr = _per_model(self.lr, p)
             wd = _per_model(self.weight_decay, p)
-            new_p = self._adamw(name, p, g, lr, wd, keep) if self.kind == "adamw" else self._sgd(name, p, g, lr, wd, keep)
+            update = self._adamw if self.kind == "adamw" else self._sgd
+            new_p = update(name, p, g, lr, wd, keep)
             p.copy_(torch.where(keep, p, new_p))
 
     def _adamw(self, name, p, g, lr, wd, keep):

@@ -21,14 +21,24 @@ from torch.func import functional_call, grad_and_value, vmap
 from zoo_builder.augment import affine_params, augment, epoch_generator
 from zoo_builder.blueprint import Factors
 from zoo_builder.data import info as dataset_info
-from zoo_builder.data import resize_for
+from zoo_builder.data import load_split, resize_for
 from zoo_builder.models import Architecture, build_vit
 from zoo_builder.optim import PopulationOptimizer, torch_optimizer
 
 # factors that must agree inside one population (they fix shapes, the data or the optimizer's code path)
 STACK_FACTORS = (
-    "objective", "optimizer", "batch_size", "epochs", "head", "head_hidden", "dropout", "drop_path",
-    "projection_dim", "dataset", "classes", "train_subset",
+    "objective",
+    "optimizer",
+    "batch_size",
+    "epochs",
+    "head",
+    "head_hidden",
+    "dropout",
+    "drop_path",
+    "projection_dim",
+    "dataset",
+    "classes",
+    "train_subset",
 )
 EVAL_BATCH = 500
 
@@ -92,14 +102,21 @@ class PopulationTrainer:
         self.precision = precision
         self.contrastive = self.shared.objective == "contrastive"
         self.data_root = data_root
+        self._splits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         meta = dataset_info(self.shared.dataset)
         self.image_size = architecture.kwargs.get("img_size", meta.image_size)
         self.hflip = meta.hflip
         self.num_outputs = self.shared.num_outputs
 
         def make_model():
-            model = build_vit(architecture, self.num_outputs, self.shared.head, self.shared.head_hidden,
-                              self.shared.dropout, self.shared.drop_path).to(device)
+            model = build_vit(
+                architecture,
+                self.num_outputs,
+                self.shared.head,
+                self.shared.head_hidden,
+                self.shared.dropout,
+                self.shared.drop_path,
+            ).to(device)
             # vmap has no batching rule for the fused attention kernel: the unfused math path is faster here
             for module in model.modules():
                 if hasattr(module, "fused_attn"):
@@ -133,12 +150,13 @@ class PopulationTrainer:
     # ------------------------------------------------------------------------------------------ data
 
     def split(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        from zoo_builder.data import load_split
-
-        images, labels = load_split(self.shared.dataset, split, self.data_root, self.shared.classes)
-        if split == "train" and self.shared.train_subset:
-            images, labels = images[: self.shared.train_subset], labels[: self.shared.train_subset]
-        return images.to(self.device), labels.to(self.device)
+        """A split of the population's dataset, on the training device (copied there once)."""
+        if split not in self._splits:
+            images, labels = load_split(self.shared.dataset, split, self.data_root, self.shared.classes)
+            if split == "train" and self.shared.train_subset:
+                images, labels = images[: self.shared.train_subset], labels[: self.shared.train_subset]
+            self._splits[split] = (images.to(self.device), labels.to(self.device))
+        return self._splits[split]
 
     def _epoch_plan(self, epoch: int, n: int):
         """Per-model data order [m, steps, b] and augmentation matrices [m, steps, b, 2, 3] (x2 views)."""
@@ -209,6 +227,7 @@ class PopulationTrainer:
 
     def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.mode == "vmap":
+
             def model_loss(params, x, y, smoothing, temperature):
                 forward = lambda inputs: functional_call(self.template, params, (inputs,))
                 return self._loss(forward, x, y, smoothing, temperature)
@@ -256,10 +275,12 @@ class PopulationTrainer:
             correct_sum += correct.float()
             counted += len(y)
         views = 2 if self.contrastive else 1
-        return EpochMetrics({
-            f"{split}_loss": (loss_sum / counted).tolist(),
-            f"{split}_acc": (correct_sum / (counted * views)).tolist(),
-        })
+        return EpochMetrics(
+            {
+                f"{split}_loss": (loss_sum / counted).tolist(),
+                f"{split}_acc": (correct_sum / (counted * views)).tolist(),
+            }
+        )
 
     def _eval_batch(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         zero = torch.zeros((), device=self.device)
@@ -306,16 +327,16 @@ class PopulationTrainer:
             for k in self.params:
                 self.params[k].copy_(state[f"params.{k}"])
             self.optimizer.load_state_dict(
-                {k[len("optim."):]: v.to(self.device) for k, v in state.items() if k.startswith("optim.")}
+                {k[len("optim.") :]: v.to(self.device) for k, v in state.items() if k.startswith("optim.")}
             )
             return
         for i, (model, optimizer) in enumerate(zip(self.models, self.optimizers)):
             prefix = f"model{i}."
-            model.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+            model.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
             saved = optimizer.state_dict()
             prefix = f"optim{i}."
             for key, value in state.items():
                 if key.startswith(prefix):
-                    p_index, name = key[len(prefix):].split(".", 1)
+                    p_index, name = key[len(prefix) :].split(".", 1)
                     saved["state"].setdefault(int(p_index), {})[name] = value.to(self.device)
             optimizer.load_state_dict(saved)

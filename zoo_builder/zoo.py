@@ -218,7 +218,9 @@ class Zoo:
 
     def summary(self) -> str:
         """A few lines: models per stage and status, checkpoints, size, accuracy spread of the last epochs."""
-        lines = [f"zoo {self.root} ({self.meta['blueprints'][0]['name'] if self.meta.get('blueprints') else '?'})"]
+        where = "bundled" if self.root == BUNDLED else str(self.root)
+        names = ", ".join(dict.fromkeys(b["name"] for b in self.meta.get("blueprints", []))) or "no blueprint"
+        lines = [f"zoo {where} ({names})"]
         total_bytes = sum(e.path.stat().st_size for e in self.entries if e.path.exists())
         lines.append(f"  {len(self.records)} models, {len(self.entries)} checkpoints, {total_bytes / 1e6:.1f} MB")
         for stage in STAGES:
@@ -228,11 +230,13 @@ class Zoo:
             statuses = {}
             for r in records:
                 statuses[r["status"]] = statuses.get(r["status"], 0) + 1
-            accs = sorted(r["history"][-1]["test_acc"] for r in records if r["history"] and "test_acc" in r["history"][-1])
+            last = [r["history"][-1] for r in records if r["history"]]
+            accs = sorted(h["test_acc"] for h in last if h.get("test_acc") is not None)
             spread = ""
             if accs:
                 spread = f"; final test_acc min {accs[0]:.3f} median {accs[len(accs) // 2]:.3f} max {accs[-1]:.3f}"
-            lines.append(f"  {stage}: {len(records)} models ({', '.join(f'{n} {s}' for s, n in statuses.items())}){spread}")
+            counts = ", ".join(f"{n} {s}" for s, n in statuses.items())
+            lines.append(f"  {stage}: {len(records)} models ({counts}){spread}")
         return "\n".join(lines)
 
 
@@ -273,8 +277,14 @@ class ZooWriter:
         self.meta = meta
 
     @classmethod
-    def create_or_open(cls, root: str | os.PathLike, architecture: Architecture, dataset: str, datasets: list[str],
-                       blueprint: dict | None) -> ZooWriter:
+    def create_or_open(
+        cls,
+        root: str | os.PathLike,
+        architecture: Architecture,
+        dataset: str,
+        datasets: list[str],
+        blueprint: dict | None,
+    ) -> ZooWriter:
         """Create a zoo, or join an existing one with the same architecture (refusing anything else)."""
         root = Path(root)
         if root.exists() and not root.is_dir():
@@ -333,13 +343,18 @@ class ZooWriter:
         relpath = self.checkpoint_relpath(record["model_id"], epoch)
         # one metadata key: safetensors stores metadata in a hash map, so several keys would come out in a
         # random order and the same weights would not give the same bytes (and sha256) in every process
-        metadata = {"vitzoo": json.dumps({
-            "model_id": record["model_id"],
-            "epoch": epoch,
-            "stage": record["stage"],
-            "architecture": self.meta["architecture"],
-            "head": record["head"],
-        }, sort_keys=True)}
+        metadata = {
+            "vitzoo": json.dumps(
+                {
+                    "model_id": record["model_id"],
+                    "epoch": epoch,
+                    "stage": record["stage"],
+                    "architecture": self.meta["architecture"],
+                    "head": record["head"],
+                },
+                sort_keys=True,
+            )
+        }
         data = encode_state_dict(state_dict, metadata)
         atomic_write_bytes(self.root / relpath, data)
         record["checkpoints"] = [c for c in record["checkpoints"] if c["epoch"] != epoch]
@@ -356,17 +371,19 @@ class ZooWriter:
             zoo = Zoo.open(self.root)
             rows = []
             for entry in zoo:
-                rows.append({
-                    "model_id": entry.model_id,
-                    "stage": entry.stage,
-                    "parent_id": entry.parent_id,
-                    "epoch": entry.epoch,
-                    "status": zoo.records[entry.model_id]["status"],
-                    "factors": entry.factors,
-                    **entry.metrics,
-                    "path": str(entry.path.relative_to(self.root)),
-                    "sha256": entry.sha256,
-                })
+                rows.append(
+                    {
+                        "model_id": entry.model_id,
+                        "stage": entry.stage,
+                        "parent_id": entry.parent_id,
+                        "epoch": entry.epoch,
+                        "status": zoo.records[entry.model_id]["status"],
+                        "factors": entry.factors,
+                        **entry.metrics,
+                        "path": str(entry.path.relative_to(self.root)),
+                        "sha256": entry.sha256,
+                    }
+                )
             data = "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows).encode()
             atomic_write_bytes(self.root / "index.jsonl", data)
         return self.root / "index.jsonl"

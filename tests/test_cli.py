@@ -1,0 +1,176 @@
+"""`vitzoo` end to end: builds, sweeps with a local Hydra launcher, and one-line errors on bad input."""
+
+import json
+
+import pytest
+import torch
+from conftest import run_cli
+
+from zoo_builder import Zoo
+from zoo_builder.zoo import verify
+
+FAST = [
+    "threads=1",
+    "progress=false",
+    "zoo.pretrain.factors.train_subset=128",
+    "zoo.finetune.factors.train_subset=128",
+    "zoo.pretrain.factors.epochs=1",
+    "zoo.finetune.factors.epochs=1",
+]
+
+
+def test_help_lists_commands():
+    result = run_cli("--help")
+    assert "build" in result.stdout and "import" in result.stdout and "verify" in result.stdout
+
+
+def test_build_prints_summary_and_writes_resolved_config(tmp_path):
+    out = tmp_path / "zoo"
+    result = run_cli("build", "zoo=digits_tiny", f"out={out}", *FAST)
+    assert "10 models" in result.stdout
+    configs = list(out.glob("logs/*/resolved_config.yaml"))
+    assert len(configs) == 1 and "digits_tiny" in configs[0].read_text()
+    assert run_cli("verify", str(out)).returncode == 0
+
+
+def test_multirun_sweep_with_local_joblib_launcher_fills_one_zoo(tmp_path):
+    out = tmp_path / "swept"
+    run_cli(
+        "build",
+        "zoo=digits_tiny",
+        f"out={out}",
+        *FAST,
+        "zoo.finetune=null",
+        "--multirun",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        "zoo.pretrain.factors.lr=1e-3,3e-3",
+    )
+    zoo = Zoo.open(out)
+    assert sorted(r["factors"]["lr"] for r in zoo.records.values()) == [1e-3, 1e-3, 3e-3, 3e-3]
+    assert all(r["status"] == "done" for r in zoo.records.values())
+    assert not verify(out)
+    assert len(zoo.meta["blueprints"]) == 2  # each sweep point is its own blueprint, recorded in zoo.json
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["zoo=no_such_preset"], "no_such_preset"),
+        (["no_such_key=1"], "no_such_key"),
+        (["zoo.pretrain.factors.colour=red"], "colour"),
+        (["zoo.pretrain.factors.lr=fast"], "lr"),
+        (["zoo.pretrain.factors.optimizer=lamb"], "optimizer"),
+        (["zoo=fmnist_blueprint", "data_root=/nonexistent"], "dataset-fashion-mnist"),
+        (["shard=3/2"], "shard"),
+    ],
+)
+def test_bad_input_is_one_line_and_nonzero(tmp_path, overrides, message):
+    result = run_cli("build", f"out={tmp_path / 'zoo'}", *overrides, check=False)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("vitzoo build: error:"), result.stderr
+    assert message in lines[0]
+
+
+def test_output_with_another_architecture_is_refused_and_untouched(tmp_path):
+    out = tmp_path / "zoo"
+    run_cli("build", "zoo=digits_tiny", f"out={out}", *FAST, "zoo.finetune=null")
+    before = (out / "zoo.json").read_text()
+    result = run_cli(
+        "build", "zoo=digits_tiny", f"out={out}", *FAST, "zoo.architecture.kwargs.embed_dim=32", check=False
+    )
+    assert result.returncode == 2 and "another architecture" in result.stderr
+    assert (out / "zoo.json").read_text() == before
+
+
+def test_output_that_is_not_a_zoo_is_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    result = run_cli("build", "zoo=digits_tiny", f"out={tmp_path}", *FAST, check=False)
+    assert result.returncode == 2 and "holds no zoo" in result.stderr
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_verify_exits_nonzero_on_a_corrupted_zoo(tmp_path):
+    out = tmp_path / "zoo"
+    run_cli("build", "zoo=digits_tiny", f"out={out}", *FAST, "zoo.finetune=null")
+    victim = next(out.rglob("*.safetensors"))
+    victim.write_bytes(victim.read_bytes()[:-8])
+    result = run_cli("verify", str(out), check=False)
+    assert result.returncode == 1 and str(victim) in result.stdout
+
+
+def test_paper_blueprint_preset_instantiates_and_takes_one_population_step():
+    """vit_s16_imagenet_cifar100 cannot train here; build its ViT-S/16 and take one vmap step on random data."""
+    from hydra import compose, initialize_config_dir
+
+    from vitzoo.cli import CONFIG_DIR
+    from zoo_builder.blueprint import blueprint_from_config, expand
+    from zoo_builder.build import initial_state
+    from zoo_builder.config import register_schemas
+    from zoo_builder.optim import PopulationOptimizer
+
+    register_schemas()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="build", overrides=["zoo=vit_s16_imagenet_cifar100"])
+    blueprint = blueprint_from_config(cfg.zoo)
+    runs = expand(blueprint)
+    assert len(runs) == 10 + 10 * 24
+    assert sum(r.factors.objective == "contrastive" for r in runs if r.stage == "pretrain") == 3
+    run = runs[0]
+    assert (run.factors.dataset, run.factors.epochs, run.factors.batch_size) == ("imagenet", 90, 256)
+    state = initial_state(run, blueprint.model_architecture, None)
+    assert state["patch_embed.proj.weight"].shape == (384, 3, 16, 16) and len(state) == 152
+    assert sum(v.numel() for v in state.values()) == 22_050_664  # timm's ViT-S/16 with a 1000-class head
+
+    from torch.func import functional_call, grad_and_value, vmap
+
+    from zoo_builder.models import build_vit
+
+    model = build_vit(blueprint.model_architecture, 1000)
+    for module in model.modules():  # as PopulationTrainer does: vmap has no rule for the fused attention kernel
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = False
+    params = {k: v[None].clone() for k, v in state.items()}  # a population of one
+    images, labels = torch.randn(1, 2, 3, 224, 224), torch.randint(0, 1000, (1, 2))
+
+    def loss(p, x, y):
+        return torch.nn.functional.cross_entropy(functional_call(model, p, (x,)), y)
+
+    grads, value = vmap(grad_and_value(loss))(params, images, labels)
+    optimizer = PopulationOptimizer("adamw", torch.tensor([1e-3]), torch.tensor([1e-4]))
+    optimizer.step(params, grads, torch.tensor([True]))
+    assert torch.isfinite(value).all()
+    assert not torch.equal(params["head.weight"][0], state["head.weight"])
+
+
+def test_zoo_json_describes_architecture_dataset_and_code(tmp_path):
+    out = tmp_path / "zoo"
+    run_cli("build", "zoo=digits_tiny", f"out={out}", *FAST, "zoo.finetune=null")
+    meta = json.loads((out / "zoo.json").read_text())
+    assert meta["architecture"]["model_name"] == "vit_small_patch16_224"
+    assert meta["dataset"] == "digits" and meta["format_version"] == 1 and meta["created_by"].startswith("vitzoo")
+
+
+def test_build_help_shows_the_hydra_config():
+    result = run_cli("build", "--help")
+    assert "zoo: digits_tiny" in result.stdout or "digits_tiny" in result.stdout
+    assert "population_size" in result.stdout
+
+
+def test_wandb_logger_writes_an_offline_run(tmp_path):
+    from conftest import tiny_blueprint
+
+    from zoo_builder.build import BuildSettings, build
+    from zoo_builder.logger import LoggerConfig, make_logger
+
+    blueprint = tiny_blueprint(pretrain={"epochs": 1, "train_subset": 64})
+    blueprint["finetune"] = None
+    out = tmp_path / "zoo"
+    logger = make_logger(LoggerConfig(kind="wandb", mode="offline"), {"zoo": blueprint}, "test_tiny", tmp_path)
+    try:
+        build(blueprint, BuildSettings(out=out, device="cpu", progress=False), logger)
+    finally:
+        logger.finish()
+    runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1 and runs[0].stat().st_size > 0
