@@ -48,15 +48,17 @@ def permute(
     head_orders: dict[int, torch.Tensor],
     unit_orders: dict[int, torch.Tensor],
     num_heads: int | None = None,
+    layers: list[BlockLayers] | None = None,
 ) -> dict[str, torch.Tensor]:
     """A copy of `state_dict` with block b's heads in order `head_orders[b]` and its MLP units in order
-    `unit_orders[b]` (blocks missing from a dict stay as they are)."""
+    `unit_orders[b]` (blocks missing from a dict stay as they are). `layers` (from `permutable_layers`) saves
+    finding the structure again when many checkpoints of one architecture are permuted."""
     out = dict(state_dict)
-    for b, layers in enumerate(permutable_layers(state_dict, num_heads)):
+    for b, block in enumerate(layers or permutable_layers(state_dict, num_heads)):
         if b in head_orders:
-            _permute_heads(out, layers.attention, layers.num_heads, head_orders[b])
+            _permute_heads(out, block.attention, block.num_heads, head_orders[b])
         if b in unit_orders:
-            _permute_units(out, layers.mlp, unit_orders[b])
+            _permute_units(out, block.mlp, unit_orders[b])
     return out
 
 
