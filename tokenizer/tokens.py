@@ -36,8 +36,8 @@ def tokenize_batch(state_dicts: list[dict[str, torch.Tensor]], spec: TokenSpec) 
     """Tokens of many state dicts of one architecture: values [m, T, d]."""
     for state_dict in state_dicts:
         spec.check_state_dict(state_dict)
-        _check_finite_tensors(state_dict, spec)
     stacked = {key: torch.stack([sd[key] for sd in state_dicts]) for key in spec.keys}
+    _check_finite_tensors(stacked, spec)
     values = _tokenize_into(stacked, spec, lead=(len(state_dicts),))
     return Tokens(values, spec.positions(), spec.mask())
 
@@ -45,11 +45,12 @@ def tokenize_batch(state_dicts: list[dict[str, torch.Tensor]], spec: TokenSpec) 
 def _tokenize_into(tensors: dict[str, torch.Tensor], spec: TokenSpec, lead: tuple[int, ...]) -> torch.Tensor:
     first = tensors[spec.segments[0].keys[0]]
     d = spec.width
-    values = torch.zeros(*lead, spec.num_tokens, d, dtype=first.dtype, device=first.device)
+    values = torch.empty(*lead, spec.num_tokens, d, dtype=first.dtype, device=first.device)
     start = 0
     for s in spec.segments:
         # a [*lead, rows, chunks * d] view of this segment's tokens, filled row-aligned
         rows = values[..., start : start + s.tokens, :].view(*lead, s.rows, s.chunks * d)
+        rows[..., s.row_length :] = 0  # the padding
         if s.layout == "stack":
             for i, key in enumerate(s.keys):
                 rows[..., i, : s.row_length] = tensors[key].reshape(*lead, -1)
@@ -79,14 +80,21 @@ def detokenize(values: torch.Tensor, spec: TokenSpec, check_finite: bool = True)
         rows = values[..., start : start + s.tokens, :].reshape(*lead, s.rows, s.chunks * spec.width)
         if s.layout == "stack":
             for i, (key, shape) in enumerate(zip(s.keys, s.shapes)):
-                state_dict[key] = rows[..., i, : s.row_length].reshape(*lead, *shape).clone()
+                state_dict[key] = _copy(rows[..., i, : s.row_length], (*lead, *shape))
         else:
             columns = s.row_length - (1 if len(s.keys) == 2 else 0)
-            state_dict[s.keys[0]] = rows[..., :columns].reshape(*lead, *s.shapes[0]).clone()
+            state_dict[s.keys[0]] = _copy(rows[..., :columns], (*lead, *s.shapes[0]))
             if len(s.keys) == 2:
-                state_dict[s.keys[1]] = rows[..., columns].reshape(*lead, *s.shapes[1]).clone()
+                state_dict[s.keys[1]] = _copy(rows[..., columns], (*lead, *s.shapes[1]))
         start += s.tokens
     return state_dict
+
+
+def _copy(view: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """A fresh tensor of `shape` holding `view`'s values, in exactly one copy (never aliasing the tokens)."""
+    out = torch.empty(view.shape, dtype=view.dtype, device=view.device)
+    out.copy_(view)
+    return out.view(shape)
 
 
 def _check_finite_tensors(state_dict: dict[str, torch.Tensor], spec: TokenSpec) -> None:
