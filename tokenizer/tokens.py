@@ -70,7 +70,7 @@ def detokenize(values: torch.Tensor, spec: TokenSpec, check_finite: bool = True)
         raise TokenizerError(
             f"tokens of shape {list(values.shape)} do not fit the spec: expected [..., {spec.num_tokens}, {spec.width}]"
         )
-    if check_finite and not bool(torch.isfinite(values).all()):
+    if check_finite and not _all_finite(values):
         bad = int(torch.nonzero((~torch.isfinite(values)).reshape(-1, *values.shape[-2:]).any(0).any(-1))[0, 0])
         raise TokenizerError(f"tokens hold NaN/inf (first at token {bad}, tensor {_tensor_of_token(spec, bad)})")
     lead = tuple(values.shape[:-2])
@@ -97,9 +97,17 @@ def _copy(view: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     return out.view(shape)
 
 
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """One read pass, no temporary the size of the tensor (min and max propagate NaN, and are inf if any is)."""
+    if tensor.numel() == 0:
+        return True
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
+
+
 def _check_finite_tensors(state_dict: dict[str, torch.Tensor], spec: TokenSpec) -> None:
     for key in spec.keys:
-        if not bool(torch.isfinite(state_dict[key]).all()):
+        if not _all_finite(state_dict[key]):
             raise TokenizerError(f"tensor {key} holds NaN/inf")
 
 
