@@ -326,3 +326,16 @@ def test_cli_import(tiny_source, tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("vitzoo import: error: source") and len(err.splitlines()) == 1
+
+
+def test_imported_checkpoints_tokenize_exactly(tiny_source, tmp_path):
+    """The keys of the official zoo after import are timm's: the tokenizer reads them bit for bit."""
+    from tokenizer import TokenSpec, detokenize, tokenize
+
+    src, _ = tiny_source
+    zoo = import_vitmodelzoo(src, tmp_path / "zoo", progress=False)
+    for entry in zoo:
+        state_dict = entry.state_dict()
+        spec = TokenSpec.from_state_dict(state_dict, width=24, num_heads=zoo.architecture.kwargs["num_heads"])
+        back = detokenize(tokenize(state_dict, spec).values, spec)
+        assert all(torch.equal(back[k], v) for k, v in state_dict.items()), entry.model_id
