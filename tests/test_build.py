@@ -251,3 +251,27 @@ def test_save_policy_keeps_last_epochs_and_more_for_chosen_seeds():
     assert [e for e in range(11) if policy.keeps(e, 10, seed=7)] == [0, 9, 10]
     assert [e for e in range(11) if policy.keeps(e, 10, seed=42)] == [0, 8, 9, 10]
     assert [e for e in range(4) if SavePolicy().keeps(e, 3, seed=0)] == [1, 2, 3]
+
+
+def test_resume_keeps_a_diverged_member_in_its_population(tmp_path, monkeypatch):
+    import zoo_builder.build as build_module
+
+    blueprint = tiny_blueprint(pretrain={"optimizer": "sgd", "epochs": 3})
+    blueprint["pretrain"]["grid"] = [{"lr": [1e-2, 1e12]}]
+    blueprint["finetune"] = None
+    settings = BuildSettings(out=tmp_path / "zoo", device="cpu", progress=False)
+    write_epoch = build_module._write_epoch
+
+    def crash_after_epoch_two(*args):
+        write_epoch(*args)
+        if args[5] == 2:  # the epoch argument
+            raise KeyboardInterrupt  # stands in for kill -9 after epoch 2 landed
+
+    monkeypatch.setattr(build_module, "_write_epoch", crash_after_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        build(blueprint, settings)
+    monkeypatch.setattr(build_module, "_write_epoch", write_epoch)
+    build(blueprint, settings)
+    records = {r["factors"]["lr"]: r for r in Zoo.open(tmp_path / "zoo").records.values()}
+    assert records[1e12]["status"] == "diverged"
+    assert records[1e-2]["status"] == "done" and [h["epoch"] for h in records[1e-2]["history"]] == [0, 1, 2, 3]

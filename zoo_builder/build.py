@@ -53,8 +53,8 @@ class BuildSettings:
     mode: str = "vmap"
     population_size: int = 64
     data_root: str | None = None
-    save_pretrain: SavePolicy = None
-    save_finetune: SavePolicy = None
+    save_pretrain: SavePolicy | None = None  # None: SavePolicy() (every epoch)
+    save_finetune: SavePolicy | None = None
     progress: bool = True
 
 
@@ -155,42 +155,28 @@ def train_population(
         records = {run.model_id: writer.read_record(run.model_id) or new_record(run) for run in runs}
         if all(r["status"] in FINISHED for r in records.values()) and not state_path.exists():
             return
-        members = _members_with_parents(writer, runs, records)
+        saved = load_file(state_path) if state_path.exists() else None
+        meta = json.loads(_safetensors_metadata(state_path)["build"]) if saved is not None else None
+        # a resumed population keeps the members it started with (a diverged one stays in it, frozen)
+        members = _members_with_parents(writer, runs, records, keep=set(meta["model_ids"]) if meta else set())
         if not members:
             return
         runs = [run for run, _ in members]
         epochs = runs[0].factors.epochs
-        if state_path.exists():
-            saved = load_file(state_path)
-            meta = json.loads(_safetensors_metadata(state_path)["build"])
+        init_states = [initial_state(run, architecture, parent) for run, parent in members]
+        trainer = PopulationTrainer(
+            [r.factors for r in runs], init_states, architecture, device, settings.mode, settings.precision,
+            settings.data_root,
+        )  # fmt: skip
+        if saved is not None:
             if meta["model_ids"] != [r.model_id for r in runs]:
                 raise RuntimeError(f"resume state {state_path} belongs to other runs; remove it to start over")
-            init_states = [initial_state(run, architecture, parent) for run, parent in members]
-            trainer = PopulationTrainer(
-                [r.factors for r in runs],
-                init_states,
-                architecture,
-                device,
-                settings.mode,
-                settings.precision,
-                settings.data_root,
-            )
             trainer.load_resume_state(saved)
             start_epoch = meta["epoch"]
             histories = meta["histories"]
             # the state is written before the epoch's checkpoints: re-create whatever they had not written yet
             _write_epoch(writer, runs, records, trainer, histories, start_epoch, epochs, policy)
         else:
-            init_states = [initial_state(run, architecture, parent) for run, parent in members]
-            trainer = PopulationTrainer(
-                [r.factors for r in runs],
-                init_states,
-                architecture,
-                device,
-                settings.mode,
-                settings.precision,
-                settings.data_root,
-            )
             start_epoch = 0
             histories = {run.model_id: [] for run in runs}
             metrics = _evaluate(trainer)
@@ -222,12 +208,13 @@ def train_population(
         state_path.unlink(missing_ok=True)
 
 
-def _members_with_parents(writer: ZooWriter, runs: list[Run], records: dict[str, dict]):
-    """(run, parent_state) for every unfinished run whose parent (if any) finished; others are marked skipped."""
+def _members_with_parents(writer: ZooWriter, runs: list[Run], records: dict[str, dict], keep: set[str]):
+    """(run, parent_state) for every unfinished run (or one in `keep`) whose parent, if any, finished; runs whose
+    parent did not finish are recorded as skipped."""
     members = []
     for run in runs:
         record = records[run.model_id]
-        if record["status"] in FINISHED:
+        if record["status"] in FINISHED and run.model_id not in keep:
             continue
         parent_state = None
         if run.parent_id is not None:

@@ -8,7 +8,6 @@ model that `timm.create_model(name, **kwargs)` would, with the head swapped.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import timm
@@ -96,15 +95,6 @@ def init_linear_layers(module: nn.Module, scheme: str) -> None:
             raise ValueError(f"unknown init scheme {scheme!r}; expected one of {INIT_SCHEMES}")
         if layer.bias is not None:
             nn.init.constant_(layer.bias, bias_value)
-
-
-def parameter_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def checkpoint_bytes(model: nn.Module) -> int:
-    """Approximate fp32 safetensors size (data only)."""
-    return 4 * sum(math.prod(t.shape) for t in model.state_dict().values())
 
 
 def select_device(device: str) -> torch.device:

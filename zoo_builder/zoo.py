@@ -177,9 +177,6 @@ class Zoo:
     def __getitem__(self, index: int) -> ZooEntry:
         return self.entries[index]
 
-    def models(self) -> list[str]:
-        return list(self.records)
-
     def filter(
         self,
         stage: str | None = None,
@@ -360,10 +357,6 @@ class ZooWriter:
         record["checkpoints"] = [c for c in record["checkpoints"] if c["epoch"] != epoch]
         record["checkpoints"].append({"epoch": epoch, "path": relpath, "sha256": sha256_bytes(data)})
         record["checkpoints"].sort(key=lambda c: c["epoch"])
-
-    def drop_checkpoint(self, record: dict, epoch: int) -> None:
-        """Forget an intermediate checkpoint that the keep-policy does not retain (file removed after the record)."""
-        record["checkpoints"] = [c for c in record["checkpoints"] if c["epoch"] != epoch]
 
     def write_index(self) -> Path:
         """Rebuild `index.jsonl` (one row per checkpoint) from the run records, under the zoo lock."""
