@@ -1,0 +1,45 @@
+"""Models/s of batched evaluation (vmap over stacked weights) vs a per-model loop, same models, one run.
+
+python benchmarks/evaluation.py                 # 64 bundled-zoo ViTs on the digits test split, CPU
+python benchmarks/evaluation.py --device cuda --models 240
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from eval.evaluate import evaluate
+from zoo_builder import Zoo
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", type=int, default=64)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    zoo = Zoo.open("bundled").filter(stage="finetune", head="linear", epoch="last")
+    zoo.entries = zoo.entries[: args.models]
+    evaluate(zoo.filter(model_id=zoo[0].model_id), "digits", device=args.device)  # warm-up: data, kernels
+    timings = {}
+    for mode in ("loop", "vmap"):
+        started = time.perf_counter()
+        results = evaluate(zoo, "digits", "test", mode=mode, device=args.device)
+        timings[mode] = time.perf_counter() - started
+        assert all(r.error is None for r in results)
+    n = len(zoo)
+    print(
+        f"{n} bundled ViTs, digits test split ({len(results[0].predictions)} images), {args.device}, "
+        f"{torch.get_num_threads()} threads; times include loading and checking every checkpoint"
+    )
+    print(f"per-model loop : {n / timings['loop']:8.1f} models/s")
+    print(f"vmap, batched  : {n / timings['vmap']:8.1f} models/s")
+    print(f"ratio (batched / loop): {timings['loop'] / timings['vmap']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
