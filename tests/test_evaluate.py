@@ -61,3 +61,19 @@ def test_a_corrupted_checkpoint_fails_alone(tmp_path):
     assert all(r.error is None and r.accuracy > 0.7 for r in results[1:])
     images, labels = load_split("fashion_mnist", "val")
     assert len(results[1].predictions) == len(labels)
+
+
+def test_cli_evaluate_writes_results_report_and_plot(tmp_path):
+    import json
+
+    from conftest import run_cli
+
+    out = tmp_path / "eval"
+    result = run_cli("evaluate", "bundled", "stage=pretrain", "split=val", f"out={out}", "threads=1", "progress=false")
+    assert "pretrain | 10 |" in result.stdout
+    data = json.loads((out / "results.json").read_text())
+    assert data["split"] == "val" and data["dataset"] == "digits" and len(data["results"]) == 10
+    assert (out / "accuracy.png").stat().st_size > 1000 and (out / "predictions.safetensors").exists()
+    assert list(out.glob("logs/*/.hydra/config.yaml"))
+    failed = run_cli("evaluate", "no/such/zoo", check=False)
+    assert failed.returncode == 2 and "not a zoo" in failed.stderr

@@ -17,6 +17,7 @@ CONFIG_DIR = str(Path(configs.__file__).resolve().parent)
 
 COMMANDS = {
     "build": "train a population of ViTs into a zoo (Hydra: vitzoo build zoo=<preset> out=<dir>)",
+    "evaluate": "loss, accuracy and predictions of a zoo's checkpoints (vitzoo evaluate <zoo> split=test out=<dir>)",
     "import": "read a foreign zoo layout into the zoo format (vitzoo import vitmodelzoo <src> <dst>)",
     "verify": "check every checkpoint of a zoo against its sha256 (vitzoo verify <zoo>)",
 }
@@ -48,6 +49,13 @@ def main(argv: list[str] | None = None) -> None:
         fail("", f"unknown command {command!r}; commands: {', '.join(COMMANDS)}")
     if command == "build":
         run_hydra("build", "build", rest, build_task)
+    elif command == "evaluate":
+        if not rest or "=" in rest[0] or rest[0].startswith("-"):
+            if not any(flag in rest for flag in ("--help", "-h", "--cfg", "-c")):
+                fail("evaluate", "the first argument is the zoo: vitzoo evaluate <zoo folder or 'bundled'> [overrides]")
+            run_hydra("evaluate", "evaluate", rest, evaluate_task)
+        else:
+            run_hydra("evaluate", "evaluate", [f"path={rest[0]}", *rest[1:]], evaluate_task)
     elif command == "verify":
         verify_command(rest)
     elif command == "import":
@@ -147,6 +155,33 @@ def save_policy(cfg):
     from zoo_builder.build import SavePolicy
 
     return SavePolicy(cfg.keep_last, cfg.keep_init, tuple(cfg.extra_seeds), cfg.extra_keep_last)
+
+
+def evaluate_task(cfg) -> None:
+    import torch
+    from omegaconf import OmegaConf
+
+    from eval.report import write_evaluation
+    from zoo_builder.data import DatasetError
+    from zoo_builder.models import select_device
+    from zoo_builder.zoo import Zoo, ZooError
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        zoo = Zoo.open(cfg.path)
+        epoch = cfg.epoch if cfg.epoch in ("last", "all") else int(cfg.epoch)
+        selection = zoo.filter(stage=cfg.stage, epoch=None if epoch == "all" else epoch)
+        if len(selection) == 0:
+            raise ValueError(f"no checkpoint of {cfg.path} matches stage={cfg.stage} epoch={cfg.epoch}")
+        out = write_evaluation(
+            selection, cfg.dataset or zoo.dataset, cfg.split, Path(cfg.out), OmegaConf.to_container(cfg, resolve=True),
+            mode=cfg.mode, chunk_size=cfg.chunk_size, device=select_device(cfg.device), data_root=cfg.data_root,
+            progress=cfg.progress,
+        )  # fmt: skip
+    except (ZooError, DatasetError, ValueError) as error:
+        fail("evaluate", str(error))
+    print((out / "report.md").read_text())
 
 
 # -------------------------------------------------------------------------------------- plain commands

@@ -42,5 +42,23 @@ class BuildConfig:
     save: SaveConfig = field(default_factory=SaveConfig)
 
 
+@dataclass
+class EvaluateConfig:
+    path: str = "???"  # the zoo
+    dataset: Optional[str] = None
+    split: str = "test"
+    stage: Optional[str] = None
+    epoch: str = "last"
+    out: str = "runs/evaluate"
+    mode: str = "vmap"
+    chunk_size: int = 64
+    device: str = "auto"
+    threads: Optional[int] = None
+    data_root: Optional[str] = None
+    progress: bool = True
+
+
 def register_schemas() -> None:
-    ConfigStore.instance().store(name="build_schema", node=BuildConfig)
+    store = ConfigStore.instance()
+    store.store(name="build_schema", node=BuildConfig)
+    store.store(name="evaluate_schema", node=EvaluateConfig)
