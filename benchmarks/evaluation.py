@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from eval.evaluate import evaluate
+from eval.evaluation import evaluate
 from zoo_builder import Zoo
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save
 
-from eval.evaluate import evaluate
+from eval.evaluation import evaluate
 from zoo_builder.zoo import Zoo, atomic_write_bytes, atomic_write_json, code_version
 
 

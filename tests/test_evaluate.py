@@ -5,7 +5,7 @@ import shutil
 import pytest
 import torch
 
-from eval.evaluate import evaluate
+from eval.evaluation import evaluate
 from zoo_builder import Zoo
 from zoo_builder.data import load_split
 
@@ -16,7 +16,7 @@ def selection():
 
 
 def test_vmap_equals_loop_and_the_indexed_accuracy(selection):
-    batched = evaluate(selection, "digits", "test", chunk_size=16)
+    batched = evaluate(selection, "digits", "test", mode="vmap", chunk_size=16)
     looped = evaluate(selection, "digits", "test", mode="loop")
     assert len(batched) == len(selection) == 80  # both heads, so two architectures (groups)
     for a, b, entry in zip(batched, looped, selection):

@@ -50,7 +50,7 @@ class EvaluateConfig:
     stage: Optional[str] = None
     epoch: str = "last"
     out: str = "runs/evaluate"
-    mode: str = "vmap"
+    mode: str = "auto"
     chunk_size: int = 64
     device: str = "auto"
     threads: Optional[int] = None
