@@ -181,7 +181,7 @@ def test_import_tiny_nested(tiny_source, tmp_path):
         "kwargs": {"img_size": 32, "embed_dim": 24, "depth": 2, "num_heads": 2},
     }
     assert zoo.dataset == "cifar100" and zoo.meta["datasets"] == ["cifar100", "imagenet"]
-    assert len(zoo.models()) == 3 and len(zoo) == 6
+    assert len(zoo.records) == 3 and len(zoo) == 6
     records = by_source(zoo, src)
     parent, linear, mlp = records[PARENT], records[f"{PARENT}/ft_linear_adamw"], records[f"{PARENT}/ft_mlp_sgd"]
     assert parent["stage"] == "pretrain" and parent["parent_id"] is None and parent["model_id"].startswith("pt-")
