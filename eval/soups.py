@@ -1,0 +1,152 @@
+"""Model soups over a zoo: weight averages chosen on validation, judged on test.
+
+- Epoch soups: the uniform average of a fine-tuned model's last k checkpoints vs its last checkpoint (the ViT
+  Model Zoo's finding: small but consistent gains). Every tensor is averaged (the zoo paper's helper averaged
+  only keys containing "weight", leaving biases and embeddings out).
+- Parent soups: per parent and head type, a uniform soup of all its fine-tunes and a greedy soup (Wortsman
+  et al. 2022: models sorted by validation accuracy, each kept only if the soup's validation accuracy does not
+  drop), both against the best single model picked on validation.
+Selection uses the validation split only; test numbers are reported for what was picked.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+
+import torch
+
+from eval.evaluation import evaluate
+from zoo_builder.zoo import Zoo
+
+
+def average(state_dicts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The uniform average of every tensor (float64 accumulation, float32 result)."""
+    if not state_dicts:
+        raise ValueError("nothing to average")
+    return {k: torch.stack([sd[k].double() for sd in state_dicts]).mean(0).float() for k in state_dicts[0]}
+
+
+@dataclass
+class EpochSoup:
+    model_id: str
+    epochs: list[int]
+    final_val: float
+    final_test: float
+    soup_val: float
+    soup_test: float
+
+    @property
+    def gain(self) -> float:
+        return self.soup_test - self.final_test
+
+
+def epoch_soups(zoo: Zoo, dataset: str, k: int, num_heads: int, stage: str = "finetune") -> list[EpochSoup]:
+    """For every model of `stage` with at least k checkpoints: its last-k soup vs its last checkpoint."""
+    candidates = []
+    for model_id, record in zoo.records.items():
+        epochs = [c["epoch"] for c in record["checkpoints"]][-k:]
+        if record["stage"] == stage and record["status"] == "done" and len(epochs) == k:
+            candidates.append((model_id, epochs))
+    pairs = []
+    for model_id, epochs in candidates:
+        entries = [zoo.filter(model_id=model_id, epoch=e)[0] for e in epochs]
+        pairs.append((f"{model_id}:final", entries[-1].state_dict()))
+        pairs.append((f"{model_id}:soup", average([e.state_dict() for e in entries])))
+    scores = {split: {r.name: r.accuracy for r in evaluate(pairs, dataset, split, num_heads=num_heads)}
+              for split in ("val", "test")}  # fmt: skip
+    return [
+        EpochSoup(
+            model_id,
+            epochs,
+            scores["val"][f"{model_id}:final"],
+            scores["test"][f"{model_id}:final"],
+            scores["val"][f"{model_id}:soup"],
+            scores["test"][f"{model_id}:soup"],
+        )  # fmt: skip
+        for model_id, epochs in candidates
+    ]
+
+
+@dataclass
+class ParentSoup:
+    parent_id: str
+    head: str
+    models: int
+    best_single_test: float  # the fine-tune with the best validation accuracy
+    uniform_test: float
+    greedy_test: float
+    greedy_size: int
+
+
+def parent_soups(zoo: Zoo, dataset: str, num_heads: int) -> list[ParentSoup]:
+    """Uniform and greedy soups of every parent's fine-tunes (per head type), vs the best single model on val."""
+    last = zoo.filter(stage="finetune", epoch="last", status="done")
+    groups: dict[tuple[str, str], list] = {}
+    for entry in last:
+        groups.setdefault((entry.parent_id, entry.factors["head"]), []).append(entry)
+    soups = []
+    for (parent_id, head), entries in groups.items():
+        states = {e.model_id: e.state_dict() for e in entries}
+        ranked = sorted(entries, key=lambda e: e.metrics["val_acc"], reverse=True)
+        greedy = [ranked[0].model_id]
+        greedy_val = ranked[0].metrics["val_acc"]
+        for entry in ranked[1:]:
+            trial = average([states[m] for m in [*greedy, entry.model_id]])
+            accuracy = evaluate([("trial", trial)], dataset, "val", num_heads=num_heads)[0].accuracy
+            if accuracy >= greedy_val:
+                greedy, greedy_val = [*greedy, entry.model_id], accuracy
+        pairs = [
+            ("best", states[ranked[0].model_id]),
+            ("uniform", average(list(states.values()))),
+            ("greedy", average([states[m] for m in greedy])),
+        ]
+        test = {r.name: r.accuracy for r in evaluate(pairs, dataset, "test", num_heads=num_heads)}
+        soups.append(ParentSoup(parent_id, head, len(entries), test["best"], test["uniform"], test["greedy"],
+                                len(greedy)))  # fmt: skip
+    return soups
+
+
+def epoch_soup_table(soups: list[EpochSoup]) -> str:
+    gains = [s.gain for s in soups]
+    wins = sum(g > 0 for g in gains)
+    ties = sum(g == 0 for g in gains)
+    return "\n".join([
+        "| models | mean gain (test acc) | median gain | models that gain | unchanged | lose |",
+        "|---|---|---|---|---|---|",
+        f"| {len(gains)} | {statistics.mean(gains):+.4f} | {statistics.median(gains):+.4f} | {wins / len(gains):.0%} "
+        f"| {ties / len(gains):.0%} | {(len(gains) - wins - ties) / len(gains):.0%} |",
+    ])  # fmt: skip
+
+
+def parent_soup_table(soups: list[ParentSoup]) -> str:
+    lines = ["| parent | head | models | best single (picked on val) | uniform soup | greedy soup (size) |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for s in soups:
+        lines.append(f"| {s.parent_id} | {s.head} | {s.models} | {s.best_single_test:.3f} | {s.uniform_test:.3f} "
+                     f"| {s.greedy_test:.3f} ({s.greedy_size}) |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def main() -> None:
+    """python -m eval.soups <zoo> [--threads N]: the soup tables of a zoo (the README's numbers)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("zoo", help="zoo directory, or 'bundled'")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    zoo = Zoo.open(args.zoo)
+    num_heads = zoo.architecture.kwargs["num_heads"]
+    for k in (2, 3):
+        soups = epoch_soups(zoo, zoo.dataset, k, num_heads)
+        if soups:
+            print(f"\nUniform soup of the last {k} epochs vs the last epoch, {zoo.dataset} test\n")
+            print(epoch_soup_table(soups))
+    print(f"\nSoups of each parent's fine-tunes (per head type), {zoo.dataset} test; picked on val\n")
+    print(parent_soup_table(parent_soups(zoo, zoo.dataset, num_heads)))
+
+
+if __name__ == "__main__":
+    main()
