@@ -128,6 +128,56 @@ def parent_soup_table(soups: list[ParentSoup]) -> str:
     return "\n".join(lines)
 
 
+def write_soups(zoo: Zoo, dataset: str, ks: list[int], parent: str | None, out, config: dict):
+    """Run the epoch and parent soups and write results.json, report.md and gains.png into `out`."""
+    from pathlib import Path
+
+    from zoo_builder.zoo import atomic_write_json, code_version
+
+    if parent is not None:
+        if parent not in zoo.records:
+            raise ValueError(f"no model {parent!r} in {zoo.root}")
+        kept = {m for m, r in zoo.records.items() if r["parent_id"] == parent}
+        zoo = Zoo(zoo.root, zoo.meta, {m: zoo.records[m] for m in kept}, [e for e in zoo if e.model_id in kept])
+    num_heads = zoo.architecture.kwargs["num_heads"]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    epochs = {k: epoch_soups(zoo, dataset, k, num_heads) for k in ks}
+    parents = parent_soups(zoo, dataset, num_heads)
+    atomic_write_json(out / "results.json", {
+        "zoo": str(zoo.root), "dataset": dataset, "config": config, "code_version": code_version(),
+        "epoch_soups": {str(k): [vars(s) | {"gain": s.gain} for s in soups] for k, soups in epochs.items()},
+        "parent_soups": [vars(s) for s in parents],
+    })  # fmt: skip
+    lines = [f"# Model soups of {zoo.root} on {dataset} (picked on val, reported on test)", ""]
+    for k, soups in epochs.items():
+        lines += [f"## Uniform soup of the last {k} epochs vs the last epoch", ""]
+        lines += [epoch_soup_table(soups) if soups else f"(no model keeps {k} checkpoints)", ""]
+    lines += ["## Soups of each parent's fine-tunes (per head type)", "", parent_soup_table(parents), "",
+              "![gains](gains.png)", ""]  # fmt: skip
+    (out / "report.md").write_text("\n".join(lines))
+    _gains_plot({k: [s.gain for s in soups] for k, soups in epochs.items() if soups}, out / "gains.png")
+    return out
+
+
+def _gains_plot(gains: dict[int, list[float]], path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    for k, values in gains.items():
+        axis.hist(values, bins=30, alpha=0.6, label=f"last {k} epochs ({len(values)} models)")
+    axis.axvline(0, color="black", linewidth=0.8)
+    axis.set_xlabel("test accuracy gain of the epoch soup over the last epoch")
+    axis.set_ylabel("models")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
 def main() -> None:
     """python -m eval.soups <zoo> [--threads N]: the soup tables of a zoo (the README's numbers)."""
     import argparse

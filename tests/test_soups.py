@@ -39,3 +39,19 @@ def test_greedy_soup_starts_from_the_best_model_on_validation():
     assert soup.greedy_size >= 1
     if soup.greedy_size == 1:
         assert soup.greedy_test == soup.best_single_test
+
+
+def test_cli_soup_writes_report_results_and_plot(tmp_path):
+    import json
+
+    from conftest import run_cli
+
+    parent = small_zoo()[0].parent_id
+    out = tmp_path / "soup"
+    result = run_cli("soup", "bundled", f"parent={parent}", "k=[3]", f"out={out}", "threads=1")
+    assert "last 3 epochs" in result.stdout and parent in result.stdout
+    data = json.loads((out / "results.json").read_text())
+    assert len(data["epoch_soups"]["3"]) == 12 and len(data["parent_soups"]) == 2
+    assert (out / "gains.png").stat().st_size > 1000
+    failed = run_cli("soup", "bundled", "parent=nobody", f"out={out}", check=False)
+    assert failed.returncode == 2 and "nobody" in failed.stderr

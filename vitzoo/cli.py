@@ -18,6 +18,7 @@ CONFIG_DIR = str(Path(configs.__file__).resolve().parent)
 COMMANDS = {
     "build": "train a population of ViTs into a zoo (Hydra: vitzoo build zoo=<preset> out=<dir>)",
     "evaluate": "loss, accuracy and predictions of a zoo's checkpoints (vitzoo evaluate <zoo> split=test out=<dir>)",
+    "soup": "model soups of a zoo's fine-tunes, chosen on val (vitzoo soup <zoo> out=<dir>)",
     "import": "read a foreign zoo layout into the zoo format (vitzoo import vitmodelzoo <src> <dst>)",
     "verify": "check every checkpoint of a zoo against its sha256 (vitzoo verify <zoo>)",
 }
@@ -56,6 +57,13 @@ def main(argv: list[str] | None = None) -> None:
             run_hydra("evaluate", "evaluate", rest, evaluate_task)
         else:
             run_hydra("evaluate", "evaluate", [f"path={rest[0]}", *rest[1:]], evaluate_task)
+    elif command == "soup":
+        if not rest or "=" in rest[0] or rest[0].startswith("-"):
+            if not any(flag in rest for flag in ("--help", "-h", "--cfg", "-c")):
+                fail("soup", "the first argument is the zoo: vitzoo soup <zoo folder or 'bundled'> [overrides]")
+            run_hydra("soup", "soup", rest, soup_task)
+        else:
+            run_hydra("soup", "soup", [f"path={rest[0]}", *rest[1:]], soup_task)
     elif command == "verify":
         verify_command(rest)
     elif command == "import":
@@ -181,6 +189,25 @@ def evaluate_task(cfg) -> None:
         )  # fmt: skip
     except (ZooError, DatasetError, ValueError) as error:
         fail("evaluate", str(error))
+    print((out / "report.md").read_text())
+
+
+def soup_task(cfg) -> None:
+    import torch
+    from omegaconf import OmegaConf
+
+    from eval.soups import write_soups
+    from zoo_builder.data import DatasetError
+    from zoo_builder.zoo import Zoo, ZooError
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        zoo = Zoo.open(cfg.path)
+        out = write_soups(zoo, cfg.dataset or zoo.dataset, list(cfg.k), cfg.parent, Path(cfg.out),
+                          OmegaConf.to_container(cfg, resolve=True))  # fmt: skip
+    except (ZooError, DatasetError, ValueError) as error:
+        fail("soup", str(error))
     print((out / "report.md").read_text())
 
 

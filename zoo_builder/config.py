@@ -58,7 +58,18 @@ class EvaluateConfig:
     progress: bool = True
 
 
+@dataclass
+class SoupConfig:
+    path: str = "???"  # the zoo
+    dataset: Optional[str] = None
+    k: List[int] = field(default_factory=lambda: [2, 3])
+    parent: Optional[str] = None
+    out: str = "runs/soup"
+    threads: Optional[int] = None
+
+
 def register_schemas() -> None:
     store = ConfigStore.instance()
+    store.store(name="soup_schema", node=SoupConfig)
     store.store(name="build_schema", node=BuildConfig)
     store.store(name="evaluate_schema", node=EvaluateConfig)
