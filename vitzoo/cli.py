@@ -51,19 +51,9 @@ def main(argv: list[str] | None = None) -> None:
     if command == "build":
         run_hydra("build", "build", rest, build_task)
     elif command == "evaluate":
-        if not rest or "=" in rest[0] or rest[0].startswith("-"):
-            if not any(flag in rest for flag in ("--help", "-h", "--cfg", "-c")):
-                fail("evaluate", "the first argument is the zoo: vitzoo evaluate <zoo folder or 'bundled'> [overrides]")
-            run_hydra("evaluate", "evaluate", rest, evaluate_task)
-        else:
-            run_hydra("evaluate", "evaluate", [f"path={rest[0]}", *rest[1:]], evaluate_task)
+        run_zoo_command("evaluate", rest, evaluate_task)
     elif command == "soup":
-        if not rest or "=" in rest[0] or rest[0].startswith("-"):
-            if not any(flag in rest for flag in ("--help", "-h", "--cfg", "-c")):
-                fail("soup", "the first argument is the zoo: vitzoo soup <zoo folder or 'bundled'> [overrides]")
-            run_hydra("soup", "soup", rest, soup_task)
-        else:
-            run_hydra("soup", "soup", [f"path={rest[0]}", *rest[1:]], soup_task)
+        run_zoo_command("soup", rest, soup_task)
     elif command == "verify":
         verify_command(rest)
     elif command == "import":
@@ -71,6 +61,16 @@ def main(argv: list[str] | None = None) -> None:
 
 
 # ------------------------------------------------------------------------------------------- hydra
+
+
+def run_zoo_command(command: str, rest: list[str], task) -> None:
+    """A Hydra command whose first argument is the zoo (passed on as the `path` override)."""
+    if rest and "=" not in rest[0] and not rest[0].startswith("-"):
+        run_hydra(command, command, [f"path={rest[0]}", *rest[1:]], task)
+        return
+    if not any(flag in rest for flag in ("--help", "-h", "--cfg", "-c")):
+        fail(command, f"the first argument is the zoo: vitzoo {command} <zoo folder or 'bundled'> [overrides]")
+    run_hydra(command, command, rest, task)
 
 
 def validate_overrides(config_name: str, overrides: list[str]) -> None:
