@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 
 from tokenizer.normalize import Normalizer
 from tokenizer.spec import TokenSpec
-from tokenizer.symmetries import permutable_layers, permute
+from tokenizer.symmetries import permutable_layers, random_permutation
 from tokenizer.tokens import tokenize
 from zoo_builder.zoo import Zoo
 
@@ -106,12 +106,7 @@ class TokenDataset(Dataset):
     def _random_permutation(self, state_dict: dict, generator: torch.Generator) -> dict:
         if self._layers is None:  # the structure is the same for every checkpoint: find it once
             self._layers = permutable_layers(state_dict, self.num_heads)
-        heads = {b: torch.randperm(layer.num_heads, generator=generator) for b, layer in enumerate(self._layers)}
-        units = {
-            b: torch.randperm(state_dict[layer.mlp + "fc1.weight"].shape[0], generator=generator)
-            for b, layer in enumerate(self._layers)
-        }
-        return permute(state_dict, heads, units, self.num_heads, layers=self._layers)
+        return random_permutation(state_dict, generator=generator, layers=self._layers)
 
 
 def collate(items: list[dict]) -> dict:

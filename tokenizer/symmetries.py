@@ -63,17 +63,26 @@ def permute(
 
 
 def random_permutation(
-    state_dict: dict[str, torch.Tensor], seed: int, num_heads: int | None = None
+    state_dict: dict[str, torch.Tensor],
+    seed: int | None = None,
+    num_heads: int | None = None,
+    generator: torch.Generator | None = None,
+    layers: list[BlockLayers] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """A function-preserving copy with every block's heads and MLP units randomly permuted."""
-    generator = torch.Generator().manual_seed(seed)
-    layers = permutable_layers(state_dict, num_heads)
+    """A function-preserving copy with every block's heads and MLP units randomly permuted, drawn from `seed`
+    (or from `generator`, to continue a stream). `layers` (from `permutable_layers`) saves finding the
+    structure again for many checkpoints of one architecture."""
+    if generator is None:
+        if seed is None:
+            raise ValueError("random_permutation needs a seed or a generator")
+        generator = torch.Generator().manual_seed(seed)
+    layers = layers or permutable_layers(state_dict, num_heads)
     head_orders = {b: torch.randperm(layer.num_heads, generator=generator) for b, layer in enumerate(layers)}
     unit_orders = {
         b: torch.randperm(state_dict[layer.mlp + "fc1.weight"].shape[0], generator=generator)
         for b, layer in enumerate(layers)
     }
-    return permute(state_dict, head_orders, unit_orders, num_heads)
+    return permute(state_dict, head_orders, unit_orders, num_heads, layers=layers)
 
 
 def align_to(
