@@ -128,7 +128,7 @@ class PopulationTrainer:
         self.weight_decay = per_model("weight_decay")
         self.smoothing = per_model("label_smoothing")
         self.temperature = per_model("temperature")
-        self.strength = [f.augment for f in factors]
+        self.augmented = torch.tensor([f.augment > 0 for f in factors])  # [m]: models whose images are transformed
         self.active = torch.ones(self.m, dtype=torch.bool, device=device)
 
         if mode == "vmap":
@@ -198,11 +198,10 @@ class PopulationTrainer:
         """The batch of every model at `step`: x [m, b, C, H, W] (or [m, 2, b, ...]), y [m, b]."""
         index = order[:, step].to(self.device)  # [m, b]
         x, y = images[index], labels[index]
-        active_aug = torch.tensor([s > 0 for s in self.strength])
-        view1 = resize_for(augment(x, theta[:, step], active_aug), self.image_size)
+        view1 = resize_for(augment(x, theta[:, step], self.augmented), self.image_size)
         if not self.contrastive:
             return view1, y
-        view2 = resize_for(augment(x, theta2[:, step], active_aug), self.image_size)
+        view2 = resize_for(augment(x, theta2[:, step], self.augmented), self.image_size)
         return torch.stack([view1, view2], dim=1), y
 
     # -------------------------------------------------------------------------------------- training
