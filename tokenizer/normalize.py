@@ -48,8 +48,8 @@ class Normalizer:
         if checkpoints == 0:
             raise ValueError("cannot fit a normaliser on no checkpoints")
         mean = {k: total[k] / count[k] for k in count}
-        std = {k: max((square[k] / count[k] - mean[k] ** 2) ** 0.5 if square[k] / count[k] > mean[k] ** 2 else 0.0,
-                      MIN_STD) for k in count}  # fmt: skip
+        variance = {k: max(square[k] / count[k] - mean[k] ** 2, 0.0) for k in count}  # rounding can dip below 0
+        std = {k: max(variance[k] ** 0.5, MIN_STD) for k in count}
         return cls(mode, mean, std, checkpoints)
 
     def normalize(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
