@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save
 from zoo_builder.blueprint import Blueprint, Run, blueprint_from_config, expand, parse_shard, select_shard
 from zoo_builder.models import Architecture, build_vit, init_linear_layers, initialize_weights, new_head, select_device
 from zoo_builder.population import PopulationTrainer, stack_key
-from zoo_builder.zoo import ZooWriter, atomic_write_bytes, code_version, locked, sha256_bytes
+from zoo_builder.zoo import ZooWriter, atomic_write_bytes, code_version, finite_or_none, locked, sha256_bytes
 
 FINISHED = ("done", "diverged", "skipped")
 
@@ -135,10 +135,6 @@ def initial_state(run: Run, architecture: Architecture, parent_state: dict[str, 
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _finite_or_none(value: float):
-    return value if value == value and abs(value) != float("inf") else None
-
-
 def train_population(
     writer: ZooWriter,
     architecture: Architecture,
@@ -181,7 +177,7 @@ def train_population(
             histories = {run.model_id: [] for run in runs}
             metrics = _evaluate(trainer)
             for i, run in enumerate(runs):
-                histories[run.model_id].append({"epoch": 0, **{k: _finite_or_none(v[i]) for k, v in metrics.items()}})
+                histories[run.model_id].append({"epoch": 0, **{k: finite_or_none(v[i]) for k, v in metrics.items()}})
             _write_epoch(writer, runs, records, trainer, histories, 0, epochs, policy)
 
         progress = _progress(settings, label, runs, epochs, start_epoch, trainer)
@@ -193,7 +189,7 @@ def train_population(
             for i, run in enumerate(runs):
                 if not was_active[i]:
                     continue
-                row = {"epoch": epoch, **{k: _finite_or_none(v[i]) for k, v in metrics.items()}}
+                row = {"epoch": epoch, **{k: finite_or_none(v[i]) for k, v in metrics.items()}}
                 if not trainer.active[i]:
                     row["diverged"] = True
                 histories[run.model_id].append(row)

@@ -47,7 +47,7 @@ import torch
 from zoo_builder.blueprint import OPTIMIZERS, Factors
 from zoo_builder.data import info as dataset_info
 from zoo_builder.models import INIT_SCHEMES, Architecture, build_vit
-from zoo_builder.zoo import Zoo, ZooError, ZooWriter, code_version
+from zoo_builder.zoo import Zoo, ZooError, ZooWriter, code_version, finite_or_none
 
 
 class ImportErrorBadInput(ValueError):
@@ -218,16 +218,12 @@ def read_history(path: Path) -> list[dict]:
         if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
             raise ImportErrorBadInput(f"{path}:{number}: epoch/training_iteration must be an integer >= 0")
         metrics = {
-            k: _finite_or_none(float(v))
+            k: finite_or_none(float(v))
             for k, v in result.items()
             if METRIC.fullmatch(k) and isinstance(v, (int, float)) and not isinstance(v, bool)
         }
         rows[epoch] = {"epoch": epoch, **metrics}
     return [rows[epoch] for epoch in sorted(rows)]
-
-
-def _finite_or_none(value: float):
-    return value if math.isfinite(value) else None
 
 
 def link_parents(models: list[SourceModel]) -> None:

@@ -20,6 +20,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator
@@ -74,6 +75,11 @@ def locked(path: Path):
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def finite_or_none(value: float) -> float | None:
+    """A metric as stored in records: NaN and inf become null (JSON has no NaN)."""
+    return value if math.isfinite(value) else None
 
 
 def sha256_bytes(data: bytes) -> str:
