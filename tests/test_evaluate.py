@@ -70,9 +70,13 @@ def test_cli_evaluate_writes_results_report_and_plot(tmp_path):
 
     out = tmp_path / "eval"
     result = run_cli("evaluate", "bundled", "stage=pretrain", "split=val", f"out={out}", "threads=1", "progress=false")
-    assert "pretrain | 10 |" in result.stdout
+    assert "pretrain on fashion_mnist | 10 |" in result.stdout  # each model on the dataset it was trained on
     data = json.loads((out / "results.json").read_text())
-    assert data["split"] == "val" and data["dataset"] == "digits" and len(data["results"]) == 10
+    assert data["split"] == "val" and len(data["results"]) == 10
+    for row in data["results"]:
+        assert row["dataset"] == "fashion_mnist"
+        if row["factors"]["objective"] == "supervised":
+            assert row["accuracy"] == pytest.approx(row["indexed_val_acc"], abs=1e-6)
     assert (out / "accuracy.png").stat().st_size > 1000 and (out / "predictions.safetensors").exists()
     assert list(out.glob("logs/*/.hydra/config.yaml"))
     failed = run_cli("evaluate", "no/such/zoo", check=False)

@@ -86,22 +86,26 @@ def random_permutation(
 
 
 def align_to(
-    state_dict: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], num_heads: int | None = None
+    state_dict: dict[str, torch.Tensor],
+    reference: dict[str, torch.Tensor],
+    num_heads: int | None = None,
+    layers: list[BlockLayers] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Permute `state_dict` to best match `reference` (weight matching: per block, the assignment of heads and
     of MLP units that maximises the inner product of their weights, solved exactly by linear assignment)."""
+    layers = layers or permutable_layers(state_dict, num_heads)
     head_orders, unit_orders = {}, {}
-    for b, layers in enumerate(permutable_layers(state_dict, num_heads)):
-        mine = _head_features(state_dict, layers.attention, layers.num_heads)  # [H, features]
-        theirs = _head_features(reference, layers.attention, layers.num_heads)
-        head_orders[b] = _best_order(theirs @ mine.T)
-        mine = _unit_features(state_dict, layers.mlp)  # [units, features]
-        theirs = _unit_features(reference, layers.mlp)
-        unit_orders[b] = _best_order(theirs @ mine.T)
-    return permute(state_dict, head_orders, unit_orders, num_heads)
+    for b, block in enumerate(layers):
+        mine = head_features(state_dict, block.attention, block.num_heads)  # [H, features]
+        theirs = head_features(reference, block.attention, block.num_heads)
+        head_orders[b] = best_order(theirs @ mine.T)
+        mine = unit_features(state_dict, block.mlp)  # [units, features]
+        theirs = unit_features(reference, block.mlp)
+        unit_orders[b] = best_order(theirs @ mine.T)
+    return permute(state_dict, head_orders, unit_orders, num_heads, layers=layers)
 
 
-def _best_order(similarity: torch.Tensor) -> torch.Tensor:
+def best_order(similarity: torch.Tensor) -> torch.Tensor:
     """order[i] = which of my items goes to slot i, maximising the summed similarity [slots, items]."""
     rows, columns = linear_sum_assignment(similarity.double().numpy(), maximize=True)
     order = torch.empty(len(rows), dtype=torch.long)
@@ -109,7 +113,17 @@ def _best_order(similarity: torch.Tensor) -> torch.Tensor:
     return order
 
 
-def _head_features(state_dict, prefix: str, num_heads: int) -> torch.Tensor:
+def permuted_keys(layers: list[BlockLayers], state_dict: dict[str, torch.Tensor]) -> set[str]:
+    """The tensors a permutation touches: exactly those `head_features` and `unit_features` read."""
+    keys = set()
+    for block in layers:
+        keys |= {block.attention + name for name in ("qkv.weight", "qkv.bias", "proj.weight")}
+        keys |= {block.mlp + name for name in ("fc1.weight", "fc1.bias", "fc2.weight", "norm.weight", "norm.bias")}
+    return keys & set(state_dict)
+
+
+def head_features(state_dict, prefix: str, num_heads: int) -> torch.Tensor:
+    """Every weight that moves with an attention head, one row per head [H, features]."""
     qkv = state_dict[prefix + "qkv.weight"]  # [3 * dim, dim]
     dim = qkv.shape[1]
     parts = [qkv.view(3, num_heads, dim // num_heads, dim).transpose(0, 1).reshape(num_heads, -1)]
@@ -120,10 +134,12 @@ def _head_features(state_dict, prefix: str, num_heads: int) -> torch.Tensor:
     return torch.cat(parts, dim=1)
 
 
-def _unit_features(state_dict, prefix: str) -> torch.Tensor:
+def unit_features(state_dict, prefix: str) -> torch.Tensor:
+    """Every weight that moves with an MLP hidden unit, one row per unit [units, features]."""
     parts = [state_dict[prefix + "fc1.weight"], state_dict[prefix + "fc2.weight"].T]
-    if prefix + "fc1.bias" in state_dict:
-        parts.append(state_dict[prefix + "fc1.bias"][:, None])
+    for key in ("fc1.bias", "norm.weight", "norm.bias"):
+        if prefix + key in state_dict:
+            parts.append(state_dict[prefix + key][:, None])
     return torch.cat(parts, dim=1)
 
 

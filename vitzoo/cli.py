@@ -169,26 +169,60 @@ def evaluate_task(cfg) -> None:
     import torch
     from omegaconf import OmegaConf
 
+    from eval.compare import compare, write_comparison
+    from eval.finetune import FinetuneRecipe
     from eval.report import write_evaluation
     from zoo_builder.data import DatasetError
+    from zoo_builder.logger import make_logger
     from zoo_builder.models import select_device
     from zoo_builder.zoo import Zoo, ZooError
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    epochs = cfg.finetune.epochs if cfg.finetune_epochs is None else cfg.finetune_epochs
+    recipe = FinetuneRecipe(epochs, cfg.finetune.optimizer, cfg.finetune.lr, cfg.finetune.weight_decay,
+                            cfg.finetune.batch_size, cfg.seed)  # fmt: skip
+    logger = None
     try:
+        if cfg.split not in ("train", "val", "test"):
+            raise ValueError(f"split must be train, val or test, got {cfg.split!r}")
         zoo = Zoo.open(cfg.path)
         epoch = cfg.epoch if cfg.epoch in ("last", "all") else int(cfg.epoch)
         selection = zoo.filter(stage=cfg.stage, epoch=None if epoch == "all" else epoch)
         if len(selection) == 0:
             raise ValueError(f"no checkpoint of {cfg.path} matches stage={cfg.stage} epoch={cfg.epoch}")
-        out = write_evaluation(
-            selection, cfg.dataset or zoo.dataset, cfg.split, Path(cfg.out), OmegaConf.to_container(cfg, resolve=True),
-            mode=cfg.mode, chunk_size=cfg.chunk_size, device=select_device(cfg.device), data_root=cfg.data_root,
-            progress=cfg.progress,
-        )  # fmt: skip
+        device = select_device(cfg.device)
+        logger = make_logger(OmegaConf.to_object(cfg.logger), resolved, str(cfg.path), out, job_type="evaluate")
+        if cfg.reference:
+            reference = Zoo.open(cfg.reference).filter(stage=cfg.reference_stage, epoch="last")
+            if len(reference) < 2:
+                raise ValueError(f"the reference {cfg.reference} has fewer than two {cfg.reference_stage} models")
+            comparison = compare(
+                selection, reference, cfg.dataset, cfg.split, cfg.seed, cfg.align, cfg.baselines,
+                recipe if epochs else None, device, cfg.data_root, cfg.progress, mode=cfg.mode,
+                chunk_size=cfg.chunk_size,
+            )  # fmt: skip
+            write_comparison(comparison, out, resolved)
+            tables = {"summary": comparison["rows"], "models": comparison["models"]}
+            images = {name: out / f"{name}.png" for name in ("accuracy", "novelty", "finetune")}
+        else:
+            write_evaluation(
+                selection, cfg.dataset, cfg.split, out, resolved, recipe if epochs else None, mode=cfg.mode,
+                chunk_size=cfg.chunk_size, device=device, data_root=cfg.data_root, progress=cfg.progress,
+            )  # fmt: skip
+            import json
+
+            tables = {"models": json.loads((out / "results.json").read_text())["results"]}
+            images = {name: out / f"{name}.png" for name in ("accuracy", "finetune")}
+        if logger is not None:
+            logger.log_report(tables, images)
     except (ZooError, DatasetError, ValueError) as error:
         fail("evaluate", str(error))
+    finally:
+        if logger is not None:
+            logger.finish()
     print((out / "report.md").read_text())
 
 

@@ -43,12 +43,28 @@ class BuildConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    epochs: int = 0
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = 32
+
+
+@dataclass
 class EvaluateConfig:
     path: str = "???"  # the zoo
     dataset: Optional[str] = None
     split: str = "test"
     stage: Optional[str] = None
     epoch: str = "last"
+    reference: Optional[str] = None  # the zoo the samples came from: adds novelty and baselines
+    reference_stage: Optional[str] = "finetune"
+    align: bool = True
+    baselines: bool = True
+    seed: int = 0
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    finetune_epochs: Optional[int] = None  # shorthand for finetune.epochs
     out: str = "runs/evaluate"
     mode: str = "auto"
     chunk_size: int = 64
@@ -56,6 +72,7 @@ class EvaluateConfig:
     threads: Optional[int] = None
     data_root: Optional[str] = None
     progress: bool = True
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
 
 
 @dataclass

@@ -21,7 +21,7 @@ class LoggerConfig:
 
 
 class WandbLogger:
-    def __init__(self, cfg: LoggerConfig, config: dict, zoo_name: str, out: Path):
+    def __init__(self, cfg: LoggerConfig, config: dict, zoo_name: str, out: Path, job_type: str = "build"):
         import wandb
 
         self.wandb = wandb
@@ -30,7 +30,7 @@ class WandbLogger:
             entity=cfg.entity,
             mode=cfg.mode,
             group=zoo_name,
-            job_type="build",
+            job_type=job_type,
             config=config,
             dir=str(out),
         )
@@ -59,13 +59,31 @@ class WandbLogger:
             table.add_data(*[row.get(c) for c in columns], *[json.dumps(row["factors"][f]) for f in factor_names])
         self.run.log({"zoo/index": table})
 
+    def log_report(self, tables: dict[str, list[dict]], images: dict[str, Path]) -> None:
+        """An evaluation's tables (rows of plain values; nested values as JSON text) and PNG plots."""
+        logged = {}
+        for name, rows in tables.items():
+            if not rows:
+                continue
+            columns = list(dict.fromkeys(k for row in rows for k in row))
+            table = self.wandb.Table(columns=columns)
+            for row in rows:
+                table.add_data(*[_plain(row.get(c)) for c in columns])
+            logged[name] = table
+        logged.update({name: self.wandb.Image(str(path)) for name, path in images.items() if Path(path).exists()})
+        self.run.log(logged)
+
     def finish(self) -> None:
         self.run.finish()
 
 
-def make_logger(cfg: LoggerConfig, config: dict, zoo_name: str, out: Path):
+def _plain(value):
+    return value if value is None or isinstance(value, (int, float, str, bool)) else json.dumps(value)
+
+
+def make_logger(cfg: LoggerConfig, config: dict, zoo_name: str, out: Path, job_type: str = "build"):
     if cfg.kind == "none":
         return None
     if cfg.kind == "wandb":
-        return WandbLogger(cfg, config, zoo_name, out)
+        return WandbLogger(cfg, config, zoo_name, out, job_type)
     raise ValueError(f"unknown logger {cfg.kind!r}; expected none or wandb")

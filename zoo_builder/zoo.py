@@ -421,3 +421,37 @@ def code_version() -> str:
             ref = (head.parent / ref[5:]).read_text().strip()
         text += f" @ {ref[:12]}"
     return text
+
+
+def write_sampled(
+    root: str | os.PathLike,
+    architecture: Architecture,
+    dataset: str,
+    samples: list[tuple[dict[str, torch.Tensor], dict, dict]],
+    parents: list[str | None] | None = None,
+) -> Zoo:
+    """A new zoo of stage `sampled`: model i (`sample-00000`, ...) gets one checkpoint (epoch 0) with the
+    state dict, its `.factors` (the condition and how it was made: method, generator, ...) and its head
+    ({"head", "head_hidden", "num_classes"}). Refuses a folder that already holds anything."""
+    root = Path(root)
+    if root.exists() and any(root.iterdir()):
+        raise ZooError(f"output {root} is not empty; sampled zoos are written into a new folder only")
+    if not samples:
+        raise ZooError("no samples to write")
+    writer = ZooWriter.create_or_open(root, architecture, dataset, [dataset], blueprint=None)
+    for i, (state_dict, factors, head) in enumerate(samples):
+        record = {
+            "model_id": f"sample-{i:05d}",
+            "stage": "sampled",
+            "parent_id": parents[i] if parents else None,
+            "factors": factors,
+            "head": head,
+            "status": "done",
+            "history": [],
+            "checkpoints": [],
+            "code_version": code_version(),
+        }
+        writer.write_checkpoint(record, 0, {k: v.float().contiguous() for k, v in state_dict.items()})
+        writer.write_record(record)
+    writer.write_index()
+    return Zoo.open(root)

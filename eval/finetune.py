@@ -1,0 +1,77 @@
+"""Fine-tuning as an evaluation protocol (SANE's): accuracy after 0, 1, ..., E epochs of training from given
+weights, for samples, from-scratch models and zoo models alike.
+
+The models are trained together by the zoo builder's `PopulationTrainer` (stacked weights, one vmapped step;
+the same code, optimizer and data order as the zoo's own training), one population per head structure. Every
+model gets the same recipe (optimizer, learning rate, batch size) and its own data order from `seed + i`, so
+the comparison isolates where the weights start.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from zoo_builder.blueprint import Factors
+from zoo_builder.models import Architecture
+from zoo_builder.population import PopulationTrainer
+
+StateDict = dict[str, torch.Tensor]
+
+
+@dataclass
+class FinetuneRecipe:
+    epochs: int = 1
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = 32
+    seed: int = 0
+
+
+def head_of(state_dict: StateDict) -> dict:
+    """The head description ({"head", "head_hidden", "num_classes"}) a state dict's shapes imply."""
+    if "head.weight" in state_dict:
+        return {"head": "linear", "head_hidden": 0, "num_classes": state_dict["head.weight"].shape[0]}
+    return {"head": "mlp", "head_hidden": state_dict["head.0.weight"].shape[0],
+            "num_classes": state_dict["head.2.weight"].shape[0]}  # fmt: skip
+
+
+def finetune_curves(
+    models: list[tuple[str, StateDict]],
+    architecture: Architecture,
+    dataset: str,
+    recipe: FinetuneRecipe,
+    split: str = "test",
+    device: torch.device | str = "cpu",
+    data_root: str | None = None,
+) -> dict[str, list[float]]:
+    """name -> [accuracy on `split` after 0, 1, ..., recipe.epochs epochs] (see module docstring)."""
+    if recipe.epochs < 0:
+        raise ValueError(f"finetune epochs must be >= 0, got {recipe.epochs}")
+    device = torch.device(device)
+    groups: dict[tuple, list[int]] = {}
+    for i, (_, state_dict) in enumerate(models):
+        groups.setdefault(tuple(sorted(head_of(state_dict).items())), []).append(i)
+    curves: dict[str, list[float]] = {}
+    for key, members in groups.items():
+        head = dict(key)
+        factors = [
+            Factors(
+                seed=recipe.seed + i, optimizer=recipe.optimizer, lr=recipe.lr, weight_decay=recipe.weight_decay,
+                batch_size=recipe.batch_size, epochs=max(recipe.epochs, 1), head=head["head"],
+                head_hidden=head["head_hidden"] or 32, dataset=dataset, init="torch",
+            )
+            for i in members
+        ]  # fmt: skip
+        if factors[0].num_outputs != head["num_classes"]:
+            raise ValueError(f"heads with {head['num_classes']} outputs cannot be fine-tuned on {dataset}")
+        trainer = PopulationTrainer(factors, [models[i][1] for i in members], architecture, device, data_root=data_root)
+        accuracies = [trainer.evaluate(split).values[f"{split}_acc"]]
+        for epoch in range(recipe.epochs):
+            trainer.train_epoch(epoch)
+            accuracies.append(trainer.evaluate(split).values[f"{split}_acc"])
+        for position, i in enumerate(members):
+            curves[models[i][0]] = [epoch_accuracies[position] for epoch_accuracies in accuracies]
+    return {name: curves[name] for name, _ in models}
