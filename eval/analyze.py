@@ -188,6 +188,16 @@ def layer_statistics(state_dicts: list[dict[str, torch.Tensor]]) -> list[dict]:
     return rows
 
 
+def within_family(x: torch.Tensor, families: list[str]) -> torch.Tensor:
+    """x [m, P] minus the mean row of each model's family (the models sharing its parent): the spread inside."""
+    x = x.double()
+    centred = torch.empty_like(x)
+    for name in dict.fromkeys(families):
+        index = torch.tensor([i for i, f in enumerate(families) if f == name])
+        centred[index] = x[index] - x[index].mean(0, keepdim=True)
+    return centred
+
+
 def pca(x: torch.Tensor, k: int = 2) -> tuple[torch.Tensor, list[float]]:
     """The first k principal coordinates of the rows of x [m, P] ([m, k]) and their explained variance ratios."""
     centred = x.double() - x.double().mean(0, keepdim=True)
@@ -420,12 +430,17 @@ def write_analysis(
     atomic_write_json(out / "results.json", results)
     families = [family(e) for e in entries]
     labels = {f: _family_label(f, selection.records) for f in families}
-    for key, title, cmap in HEATMAPS:
-        _heatmap(matrices[key], families, labels, title, out / f"heatmap_{key}.png", cmap)
+    for key, title, cmap, log in HEATMAPS:
+        _heatmap(matrices[key], families, labels, title, out / f"heatmap_{key}.png", cmap, log)
     colourings = _colourings(entries, labels)
     variance = ", ".join(f"PC{i + 1} {share:.0%}" for i, share in enumerate(explained))
     title = f"PCA of the flattened body ({x.shape[1]} parameters; {variance} of the variance)"
     _embedding(coordinates, colourings, title, out / "embedding_pca.png")
+    if len(set(families)) < len(families):  # the spread inside parents' blocks, which the parents' distance hides
+        within, explained_within = pca(within_family(x, families), k=2)
+        variance = ", ".join(f"PC{i + 1} {share:.0%}" for i, share in enumerate(explained_within))
+        title = f"PCA of the flattened body minus the mean of its parent's block ({variance} of the variance)"
+        _embedding(within, colourings, title, out / "embedding_pca_within.png")
     if len(entries) >= 5:
         _embedding(tsne(x), colourings, "t-SNE of the flattened body", out / "embedding_tsne.png")
     for stage in dict.fromkeys(stages):
@@ -434,11 +449,11 @@ def write_analysis(
     return results
 
 
-HEATMAPS = (
-    ("l2", "L2 distance of the flattened body", "viridis"),
-    ("cosine", "cosine distance of the flattened body", "viridis"),
-    ("agreement", "prediction agreement", "magma"),
-    ("cka", "linear CKA of the pre-logit features", "magma"),
+HEATMAPS = (  # key, title, colour map, log scale
+    ("l2", "L2 distance of the flattened body (log scale)", "viridis", True),
+    ("cosine", "cosine distance of the flattened body (log scale)", "viridis", True),
+    ("agreement", "prediction agreement", "magma", False),
+    ("cka", "linear CKA of the pre-logit features", "magma", False),
 )
 
 
@@ -526,6 +541,8 @@ def _report(results: dict, out: Path) -> str:
         "![PCA](embedding_pca.png)",
         "",
     ]  # fmt: skip
+    if (out / "embedding_pca_within.png").exists():
+        lines += ["![PCA inside parents' blocks](embedding_pca_within.png)", ""]
     if (out / "embedding_tsne.png").exists():
         lines += ["![t-SNE](embedding_tsne.png)", ""]
     lines += [
@@ -611,14 +628,22 @@ def _family_label(name: str, records: dict) -> str:
 
 
 def _heatmap(matrix: torch.Tensor, families: list[str], labels: dict[str, str], title: str, path: Path,
-             cmap: str) -> None:  # fmt: skip
+             cmap: str, log: bool) -> None:  # fmt: skip
     """A [m, m] matrix with white lines between parents' blocks and a tick per block (when blocks help)."""
     plt = _pyplot()
     m = len(families)
     colours = plt.get_cmap(cmap).copy()
-    colours.set_bad("0.8")  # NaN: no value for the pair
+    colours.set_bad("0.5")  # NaN: no value for the pair
     figure, axis = plt.subplots(figsize=(8, 7))
-    image = axis.imshow(matrix.numpy(), cmap=colours, interpolation="nearest")
+    norm, shown = None, matrix
+    if log:  # distances inside a parent's block are ~10x smaller than across: a log scale shows both
+        from matplotlib.colors import LogNorm
+
+        positive = matrix[torch.isfinite(matrix) & (matrix > 0)]
+        if len(positive):
+            norm = LogNorm(positive.min().item(), positive.max().item())
+            shown = matrix.clamp(min=positive.min().item())  # the zero diagonal at the scale's bottom
+    image = axis.imshow(shown.numpy(), cmap=colours, norm=norm, interpolation="nearest")
     starts = [0] + [i for i in range(1, m) if families[i] != families[i - 1]]
     if 1 < len(starts) <= 50:
         for start in starts[1:]:
@@ -658,17 +683,20 @@ def _embedding(coordinates: torch.Tensor, colourings: list[tuple[str, list]], ti
     figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.8 * rows), squeeze=False)
     points = coordinates.numpy()
     second = points[:, 1] if points.shape[1] > 1 else points[:, 0] * 0
+    order = torch.randperm(len(points), generator=torch.Generator().manual_seed(0)).numpy()  # no value on top
     for axis, (name, values) in zip(axes.flat, colourings):
         distinct = list({repr(v): v for v in values}.values())  # parents in the heat maps' order
         if name != "parent":
             distinct.sort(key=_sortable)
         palette = plt.get_cmap("tab10" if len(distinct) <= 10 else "tab20" if len(distinct) <= 20 else "viridis")
-        for rank, value in enumerate(distinct):
-            chosen = [i for i, v in enumerate(values) if repr(v) == repr(value)]
-            colour = palette(rank if len(distinct) <= 20 else rank / max(1, len(distinct) - 1))
-            axis.scatter(points[chosen, 0], second[chosen], s=12, color=colour, label=str(value), alpha=0.8)
+        colours = [palette(rank if len(distinct) <= 20 else rank / max(1, len(distinct) - 1))
+                   for rank in range(len(distinct))]  # fmt: skip
+        rank = {repr(value): i for i, value in enumerate(distinct)}
+        point_colours = [colours[rank[repr(values[i])]] for i in order]
+        axis.scatter(points[order, 0], second[order], s=12, c=point_colours, alpha=0.8)
         if len(distinct) <= 20:
-            axis.legend(fontsize=6, markerscale=0.8, loc="best")
+            handles = [axis.scatter([], [], s=12, color=c, label=str(v)) for v, c in zip(distinct, colours)]
+            axis.legend(handles=handles, fontsize=6, markerscale=0.8, loc="best")
         axis.set_title(f"coloured by {name}", fontsize=9)
         axis.tick_params(labelsize=6)
     for axis in list(axes.flat)[len(colourings) :]:
