@@ -317,6 +317,43 @@ def factor_table(entries: list[ZooEntry], split: str) -> list[dict]:
 # -------------------------------------------------------------------------------------------- the run
 
 
+def layer_distances(state_dicts: list[dict], names: list[str], kinds: torch.Tensor) -> tuple[dict, list[dict]]:
+    """Pairwise L2 and cosine distances per tensor: {"l2/<name>": [m, m], "cosine/<name>": [m, m]} and a row of
+    summaries per tensor."""
+    matrices, rows = {}, []
+    for name in names:
+        l2, cosine = pairwise_distances(flatten(state_dicts, [name]))
+        matrices[f"l2/{name}"], matrices[f"cosine/{name}"] = l2, cosine
+        rows.append({"tensor": name, "shape": list(state_dicts[0][name].shape),
+                     "parameters": state_dicts[0][name].numel(), "l2": summarise(l2, kinds, "smaller"),
+                     "cosine": summarise(cosine, kinds, "smaller")})  # fmt: skip
+    return matrices, rows
+
+
+def agreement_by_dataset(selection: Zoo, datasets: list[str], split: str, data_root: str | None = None,
+                         progress: bool = False) -> tuple[torch.Tensor, list]:  # fmt: skip
+    """Evaluate every entry of `selection` on its dataset (`datasets`, one per entry) and return the [m, m]
+    prediction agreement (NaN across datasets and for models that could not be evaluated) and the results."""
+    from eval.evaluation import evaluate
+    from zoo_builder.data import info as dataset_info
+
+    entries = list(selection)
+    matrix = torch.full((len(entries), len(entries)), torch.nan, dtype=torch.float64)
+    evaluation = [None] * len(entries)
+    for name in dict.fromkeys(datasets):
+        index = [i for i, d in enumerate(datasets) if d == name]
+        group = Zoo(selection.root, selection.meta, selection.records, [entries[i] for i in index])
+        results = evaluate(group, name, split, mode="loop", data_root=data_root, progress=progress)
+        for i, result in zip(index, results):
+            evaluation[i] = result
+        good = [(i, r) for i, r in zip(index, results) if r.error is None]
+        if good:
+            rows = torch.tensor([i for i, _ in good])
+            predictions = torch.stack([r.predictions for _, r in good])  # [k, N]
+            matrix[rows[:, None], rows[None, :]] = agreement(predictions, dataset_info(name).num_classes)
+    return matrix, evaluation
+
+
 def own_dataset(entry: ZooEntry, fallback: str) -> str:
     """The dataset a model was trained on (its `dataset` factor; `fallback` for entries without one)."""
     return entry.factors["dataset"] if "dataset" in entry.factors else fallback
@@ -337,8 +374,6 @@ def write_analysis(
     into `out` (see module docstring). Returns the results (as written to results.json)."""
     from safetensors.torch import save
 
-    from eval.evaluation import evaluate
-    from zoo_builder.data import info as dataset_info
     from zoo_builder.data import load_split
     from zoo_builder.zoo import atomic_write_bytes, atomic_write_json, code_version
 
@@ -355,15 +390,9 @@ def write_analysis(
         raise ValueError("the selected models share no tensor of equal shape")
     x = flatten(state_dicts, body)  # [m, P]
     l2, cosine = pairwise_distances(x)
-    matrices = {"l2": l2, "cosine": cosine}
-    layers = []
-    for name in body:
-        layer_l2, layer_cosine = pairwise_distances(flatten(state_dicts, [name]))
-        matrices[f"l2/{name}"], matrices[f"cosine/{name}"] = layer_l2, layer_cosine
-        layers.append({"tensor": name, "shape": list(state_dicts[0][name].shape),
-                       "parameters": state_dicts[0][name].numel(), "l2": summarise(layer_l2, kinds, "smaller"),
-                       "cosine": summarise(layer_cosine, kinds, "smaller")})  # fmt: skip
-    excluded = {}
+    layer_matrices, layers = layer_distances(state_dicts, body, kinds)
+    matrices = {"l2": l2, "cosine": cosine, **layer_matrices}
+    excluded: dict[str, dict[str, int]] = {}  # tensor -> shape -> models
     for sd in state_dicts:
         for name, tensor in sd.items():
             if name not in body:
@@ -373,20 +402,7 @@ def write_analysis(
 
     # behaviour: agreement on each model's own dataset (or the forced one), CKA on one batch of one dataset
     datasets = [dataset or own_dataset(e, zoo.dataset) for e in entries]
-    agreements = torch.full((len(entries), len(entries)), torch.nan, dtype=torch.float64)
-    evaluation = [None] * len(entries)
-    for name in dict.fromkeys(datasets):
-        index = [i for i, d in enumerate(datasets) if d == name]
-        group = Zoo(selection.root, selection.meta, selection.records, [entries[i] for i in index])
-        results = evaluate(group, name, split, mode="loop", data_root=data_root, progress=progress)
-        for i, result in zip(index, results):
-            evaluation[i] = result
-        good = [(i, r) for i, r in zip(index, results) if r.error is None]
-        if good:
-            rows = torch.tensor([i for i, _ in good])
-            predictions = torch.stack([r.predictions for _, r in good])  # [k, N]
-            agreements[rows[:, None], rows[None, :]] = agreement(predictions, dataset_info(name).num_classes)
-    matrices["agreement"] = agreements
+    matrices["agreement"], evaluation = agreement_by_dataset(selection, datasets, split, data_root, progress)
     cka_dataset = dataset or (datasets[0] if len(set(datasets)) == 1 else zoo.dataset)
     images, _ = load_split(cka_dataset, split, data_root)
     images = images[:cka_batch]  # [b, C, H, W]
@@ -421,7 +437,7 @@ def write_analysis(
         },
         "agreement": {"datasets": {d: datasets.count(d) for d in dict.fromkeys(datasets)},
                       "evaluated": sum(r.error is None for r in evaluation),
-                      **summarise(agreements, kinds, "larger")},
+                      **summarise(matrices["agreement"], kinds, "larger")},
         "cka": {"dataset": cka_dataset, "batch": len(images), "features": features.shape[2],
                 **summarise(matrices["cka"], kinds, "larger")},
         "factors": factor_table(entries, split),

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from eval.analyze import (
     KINDS,
     agreement,
+    agreement_by_dataset,
     analysis_order,
     cka_matrix,
     common_tensors,
@@ -19,6 +20,7 @@ from eval.analyze import (
     flatten,
     linear_cka,
     load_in_module_order,
+    own_dataset,
     pair_kinds,
     pairwise_distances,
     pre_logit_features,
@@ -101,6 +103,22 @@ def test_agreement_with_itself_is_one_and_matches_a_hand_count():
     assert matrix[0, 1].item() == pytest.approx(3 / 5) and matrix[1, 0].item() == pytest.approx(3 / 5)
     assert matrix[0, 2].item() == pytest.approx(4 / 5)
     assert matrix[1, 2].item() == pytest.approx(2 / 5)
+
+
+def test_agreement_on_each_models_own_dataset(bundled):
+    supervised = bundled.filter(stage="pretrain", epoch="last", objective="supervised")[0]
+    contrastive = bundled.filter(stage="pretrain", epoch="last", objective="contrastive")[0]
+    children = list(bundled.filter(epoch="last", parent_id=supervised.model_id, lr=1e-3, seed=42))[:2]
+    entries = [supervised, *children, contrastive]
+    selection = Zoo(bundled.root, bundled.meta, bundled.records, entries)
+    datasets = [own_dataset(e, bundled.dataset) for e in entries]
+    assert datasets == ["fashion_mnist", "digits", "digits", "fashion_mnist"]
+    matrix, results = agreement_by_dataset(selection, datasets, "test")
+    assert results[0].accuracy == pytest.approx(supervised.metrics["test_acc"], abs=1e-6)
+    assert "32 outputs" in results[3].error and torch.isnan(matrix[3]).all()  # a contrastive head: no classes
+    assert torch.isnan(matrix[0, 1:]).all() and matrix[0, 0] == 1  # fashion_mnist vs digits: no common examples
+    same = (results[1].predictions == results[2].predictions).float().mean().item()
+    assert matrix[1, 2].item() == pytest.approx(same) and 0.5 < same < 1
 
 
 def test_summary_by_pair_kind_and_nearest_neighbour():
