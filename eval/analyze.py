@@ -260,7 +260,11 @@ def pre_logit_features(entries: list[ZooEntry], state_dicts: list[dict], images:
             templates[structure] = build_vit(entry.architecture, entry.head["num_classes"], entry.head["head"],
                                              entry.head["head_hidden"]).eval()  # fmt: skip
         model = templates[structure]
-        model.load_state_dict(state_dict)
+        try:
+            model.load_state_dict(state_dict)
+        except RuntimeError:  # keys or shapes do not fit its architecture: no features (NaN), as evaluate reports
+            features.append(torch.full((len(images), model.num_features), torch.nan))
+            continue
         features.append(model.forward_head(model.forward_features(images), pre_logits=True))
     return torch.stack(features)
 
