@@ -18,6 +18,7 @@ CONFIG_DIR = str(Path(configs.__file__).resolve().parent)
 COMMANDS = {
     "build": "train a population of ViTs into a zoo (Hydra: vitzoo build zoo=<preset> out=<dir>)",
     "evaluate": "loss, accuracy and predictions of a zoo's checkpoints (vitzoo evaluate <zoo> split=test out=<dir>)",
+    "analyze": "diversity of a zoo: weight distances, agreement, CKA, factors (vitzoo analyze <zoo> out=<dir>)",
     "soup": "model soups of a zoo's fine-tunes, chosen on val (vitzoo soup <zoo> out=<dir>)",
     "import": "read a foreign zoo layout into the zoo format (vitzoo import vitmodelzoo <src> <dst>)",
     "verify": "check every checkpoint of a zoo against its sha256 (vitzoo verify <zoo>)",
@@ -52,6 +53,8 @@ def main(argv: list[str] | None = None) -> None:
         run_hydra("build", "build", rest, build_task)
     elif command == "evaluate":
         run_zoo_command("evaluate", rest, evaluate_task)
+    elif command == "analyze":
+        run_zoo_command("analyze", rest, analyze_task)
     elif command == "soup":
         run_zoo_command("soup", rest, soup_task)
     elif command == "verify":
@@ -224,6 +227,30 @@ def evaluate_task(cfg) -> None:
         if logger is not None:
             logger.finish()
     print((out / "report.md").read_text())
+
+
+def analyze_task(cfg) -> None:
+    import torch
+    from omegaconf import OmegaConf
+
+    from eval.analyze import headline, select, write_analysis
+    from zoo_builder.data import DatasetError
+    from zoo_builder.zoo import Zoo, ZooError
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        zoo = Zoo.open(cfg.path)
+        epoch = cfg.epoch if cfg.epoch in ("last", "all") else int(cfg.epoch)
+        selection = select(zoo, cfg.stage, epoch, cfg.max_models)
+        results = write_analysis(
+            zoo, selection, Path(cfg.out), OmegaConf.to_container(cfg, resolve=True), dataset=cfg.dataset,
+            split=cfg.split, cka_batch=cfg.cka_batch, data_root=cfg.data_root, progress=cfg.progress,
+        )  # fmt: skip
+    except (ZooError, DatasetError, ValueError) as error:
+        fail("analyze", str(error))
+    print(headline(results))
+    print(f"  report: {Path(cfg.out) / 'report.md'}")
 
 
 def soup_task(cfg) -> None:

@@ -76,6 +76,21 @@ class EvaluateConfig:
 
 
 @dataclass
+class AnalyzeConfig:
+    path: str = "???"  # the zoo
+    dataset: Optional[str] = None  # None: each entry's own dataset
+    split: str = "test"
+    stage: Optional[str] = None
+    epoch: str = "last"
+    max_models: Optional[int] = None
+    cka_batch: int = 256
+    out: str = "runs/analyze"
+    threads: Optional[int] = None
+    data_root: Optional[str] = None
+    progress: bool = True
+
+
+@dataclass
 class SoupConfig:
     path: str = "???"  # the zoo
     dataset: Optional[str] = None
@@ -90,3 +105,4 @@ def register_schemas() -> None:
     store.store(name="soup_schema", node=SoupConfig)
     store.store(name="build_schema", node=BuildConfig)
     store.store(name="evaluate_schema", node=EvaluateConfig)
+    store.store(name="analyze_schema", node=AnalyzeConfig)
