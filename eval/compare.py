@@ -1,9 +1,9 @@
 """A sampled population judged against the zoo it came from: accuracy, novelty and baselines in one table.
 
 `compare(samples, reference)` evaluates, on one split, the reference zoo's models, every sampling method found
-in the samples (`.factors["method"]`, e.g. diffusion, kde) and the baselines of `eval.baselines` built for the
-same head structures (random init, per-parameter Gaussian, each sample's nearest zoo model plus noise at the
-sample's own distance); measures novelty (`eval.novelty`) of every population against the zoo; and, with a
+in the samples (`.factors["method"]`, e.g. diffusion, kde; conditioned draws form their own population) and
+the baselines of `eval.baselines` built for the same head structures (random init, per-parameter Gaussian, each
+sample's nearest zoo model plus noise at the sample's own distance); measures novelty (`eval.novelty`) of every population against the zoo; and, with a
 fine-tuning recipe, the accuracy after 0..E epochs of fine-tuning of samples, random init and zoo models.
 `write_comparison` writes results.json, report.md and the plots. Nothing here selects models, so the test
 split may be used; anything that selects uses validation (see eval.soups).
@@ -118,7 +118,10 @@ def samples_methods(samples: Zoo) -> list[str]:
 
 
 def _method(entry) -> str:
-    return str(entry.factors.get("method", entry.stage))
+    """The population of a sampled model: its method, and whether it was drawn under a condition."""
+    method = str(entry.factors.get("method", entry.stage))
+    conditioned = any(entry.factors.get(key) is not None for key in ("target_acc", "optimizer"))
+    return f"{method} (conditioned)" if conditioned else method
 
 
 def _members(zoo: Zoo, population: str | None) -> list[dict]:

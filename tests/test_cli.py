@@ -174,3 +174,25 @@ def test_wandb_logger_writes_an_offline_run(tmp_path):
         logger.finish()
     runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1 and runs[0].stat().st_size > 0
+
+
+def test_wandb_logger_logs_report_tables_and_plots(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from zoo_builder.logger import LoggerConfig, make_logger
+
+    plt.plot([0, 1], [0, 1])
+    plt.savefig(tmp_path / "accuracy.png")
+    plt.close()
+    logger = make_logger(LoggerConfig(kind="wandb", mode="offline"), {}, "samples", tmp_path, job_type="evaluate")
+    try:
+        rows = [{"population": "zoo", "mean_acc": 0.79, "finetune_mean_acc": [0.79, 0.85]}]
+        logger.log_report({"summary_table": rows}, {"accuracy_plot": tmp_path / "accuracy.png"})
+    finally:
+        logger.finish()
+    (run,) = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    logged = run.read_bytes()
+    assert b"summary_table" in logged and b"accuracy_plot" in logged

@@ -94,7 +94,7 @@ def test_compare_samples_against_the_zoo(tmp_path):
     samples = [(random_permutation(e.state_dict(), seed=i, num_heads=2), {"method": "copy"}, e.head)
                for i, e in enumerate(source)]  # fmt: skip
     sampled = write_sampled(tmp_path / "samples", zoo.architecture, "digits", samples)
-    with pytest.raises(ZooError, match="not empty"):
+    with pytest.raises(ZooError, match="already holds a zoo"):
         write_sampled(tmp_path / "samples", zoo.architecture, "digits", samples)
     result = compare(sampled, reference)
     rows = {r["population"]: r for r in result["rows"]}

@@ -14,12 +14,17 @@ from pathlib import Path
 import configs
 
 CONFIG_DIR = str(Path(configs.__file__).resolve().parent)
+BUNDLED_GENERATOR = Path(__file__).resolve().parent.parent / "generative" / "bundled" / "generator.safetensors"
 
 COMMANDS = {
+    "demo": "the whole pipeline on the bundled zoo into one report (vitzoo demo [<zoo>] [out=<dir>])",
     "build": "train a population of ViTs into a zoo (Hydra: vitzoo build zoo=<preset> out=<dir>)",
     "evaluate": "loss, accuracy and predictions of a zoo's checkpoints (vitzoo evaluate <zoo> split=test out=<dir>)",
     "analyze": "diversity of a zoo: weight distances, agreement, CKA, factors (vitzoo analyze <zoo> out=<dir>)",
     "soup": "model soups of a zoo's fine-tunes, chosen on val (vitzoo soup <zoo> out=<dir>)",
+    "train": "train a generative model over a zoo's weights (vitzoo train <zoo> model=diffusion out=<dir>)",
+    "sample": "sample new ViTs from a generator into a zoo folder (vitzoo sample <generator> n=<N> out=<dir>)",
+    "probe": "predict accuracy, epoch, lr, optimizer, parent from hyper-representations (vitzoo probe <autoencoder>)",
     "import": "read a foreign zoo layout into the zoo format (vitzoo import vitmodelzoo <src> <dst>)",
     "verify": "check every checkpoint of a zoo against its sha256 (vitzoo verify <zoo>)",
 }
@@ -49,7 +54,10 @@ def main(argv: list[str] | None = None) -> None:
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
         fail("", f"unknown command {command!r}; commands: {', '.join(COMMANDS)}")
-    if command == "build":
+    if command == "demo":
+        positional = rest[:1] if rest and "=" not in rest[0] and not rest[0].startswith("-") else []
+        run_hydra("demo", "demo", [f"path={p}" for p in positional] + rest[len(positional) :], demo_task)
+    elif command == "build":
         run_hydra("build", "build", rest, build_task)
     elif command == "evaluate":
         run_zoo_command("evaluate", rest, evaluate_task)
@@ -57,8 +65,14 @@ def main(argv: list[str] | None = None) -> None:
         run_zoo_command("analyze", rest, analyze_task)
     elif command == "soup":
         run_zoo_command("soup", rest, soup_task)
+    elif command == "train":
+        run_zoo_command("train", rest, train_task)
+    elif command == "sample":
+        run_zoo_command("sample", rest, sample_task, what="generator checkpoint or 'bundled'")
     elif command == "verify":
         verify_command(rest)
+    elif command == "probe":
+        probe_command(rest)
     elif command == "import":
         import_command(rest)
 
@@ -66,13 +80,13 @@ def main(argv: list[str] | None = None) -> None:
 # ------------------------------------------------------------------------------------------- hydra
 
 
-def run_zoo_command(command: str, rest: list[str], task) -> None:
+def run_zoo_command(command: str, rest: list[str], task, what: str = "zoo folder or 'bundled'") -> None:
     """A Hydra command whose first argument is the zoo (passed on as the `path` override)."""
     if rest and "=" not in rest[0] and not rest[0].startswith("-"):
         run_hydra(command, command, [f"path={rest[0]}", *rest[1:]], task)
         return
     if not any(flag in rest for flag in ("--help", "-h", "--cfg", "-c")):
-        fail(command, f"the first argument is the zoo: vitzoo {command} <zoo folder or 'bundled'> [overrides]")
+        fail(command, f"the first argument is the {what.split(' or ')[0]}: vitzoo {command} <{what}> [overrides]")
     run_hydra(command, command, rest, task)
 
 
@@ -199,7 +213,8 @@ def evaluate_task(cfg) -> None:
         device = select_device(cfg.device)
         logger = make_logger(OmegaConf.to_object(cfg.logger), resolved, str(cfg.path), out, job_type="evaluate")
         if cfg.reference:
-            reference = Zoo.open(cfg.reference).filter(stage=cfg.reference_stage, epoch="last")
+            wanted = {} if cfg.reference_head is None else {"head": cfg.reference_head}
+            reference = Zoo.open(cfg.reference).filter(stage=cfg.reference_stage, epoch="last", **wanted)
             if len(reference) < 2:
                 raise ValueError(f"the reference {cfg.reference} has fewer than two {cfg.reference_stage} models")
             comparison = compare(
@@ -272,6 +287,118 @@ def soup_task(cfg) -> None:
     print((out / "report.md").read_text())
 
 
+def measure_on(dataset: str, split: str, num_heads: int | None, data_root: str | None):
+    """A callback giving the accuracy of state dicts on one split (the batched evaluator, for generators)."""
+    from eval.evaluation import evaluate
+
+    def measure(state_dicts):
+        pairs = [(str(i), state_dict) for i, state_dict in enumerate(state_dicts)]
+        results = evaluate(pairs, dataset, split, num_heads=num_heads, data_root=data_root)
+        return [r.accuracy if r.error is None else 0.0 for r in results]
+
+    return measure
+
+
+def train_task(cfg) -> None:
+    import torch
+    from omegaconf import OmegaConf
+
+    from generative.autoencoder import AutoencoderConfig
+    from generative.diffusion import DiffusionConfig
+    from zoo_builder.data import DatasetError
+    from zoo_builder.logger import make_logger
+    from zoo_builder.zoo import Zoo, ZooError
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    model = dict(resolved["model"] or {})
+    logger = None
+    try:
+        name = model.pop("name", None)
+        if name not in ("diffusion", "autoencoder"):
+            raise ValueError(f"model={name} is not available; models: diffusion, autoencoder")
+        try:
+            config = DiffusionConfig(**model) if name == "diffusion" else AutoencoderConfig(**model)
+        except TypeError as error:
+            raise ValueError(f"bad model config: {error}") from None
+        zoo = Zoo.open(cfg.path)
+        logger = make_logger(OmegaConf.to_object(cfg.logger), resolved, str(cfg.path), out, job_type="train")
+        log = logger.run.log if logger is not None else None
+        if name == "diffusion":
+            from generative.generator import train_generator
+
+            measure = measure_on(zoo.dataset, "val", zoo.architecture.kwargs.get("num_heads"), cfg.data_root)
+            path = train_generator(zoo, out, config, measure, cfg.head, cfg.save_every, cfg.progress, log)
+        else:
+            from generative.hyper import train_autoencoder
+
+            path = train_autoencoder(zoo, out, config, cfg.head, cfg.save_every, cfg.progress, log)
+    except (ZooError, DatasetError, ValueError) as error:
+        fail("train", str(error))
+    finally:
+        if logger is not None:
+            logger.finish()
+    print(f"{name} written to {path} ({path.stat().st_size / 1e6:.2f} MB)")
+
+
+def demo_task(cfg) -> None:
+    import torch
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    from vitzoo.demo import run_demo, table
+    from zoo_builder.data import DatasetError
+    from zoo_builder.zoo import Zoo, ZooError
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    (run_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.to_container(cfg, resolve=True)))
+    try:
+        zoo = Zoo.open(cfg.path)
+        measure = measure_on(zoo.dataset, "val", zoo.architecture.kwargs.get("num_heads"), None)
+        summary = run_demo(cfg, BUNDLED_GENERATOR, measure)
+    except (ZooError, DatasetError, ValueError) as error:
+        fail("demo", str(error))
+    print("\n".join(table(summary["rows"])))
+    print(f"\n{summary['soups']}")
+    print(f"report: {Path(cfg.out) / 'report.md'} (this run: {summary['this_run_seconds']:.0f} s)")
+
+
+def sample_task(cfg) -> None:
+    import torch
+
+    from generative.generator import ConditionError, checkpoint_format, load_generator, sample
+    from generative.hyper import FORMAT as AUTOENCODER_FORMAT
+    from generative.hyper import load_autoencoder, sample_kde
+    from zoo_builder.zoo import Zoo, ZooError, write_sampled
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    path = BUNDLED_GENERATOR if cfg.path == "bundled" else cfg.path
+    try:
+        if checkpoint_format(path) == AUTOENCODER_FORMAT:
+            if cfg.method != "kde":
+                raise ConditionError(f"{path} is an autoencoder: sample it with method=kde")
+            bundle = load_autoencoder(path, cfg.zoo)
+            samples, parents = sample_kde(bundle, cfg.n, cfg.seed, cfg.bandwidth, cfg.top)
+            architecture, dataset, note = bundle.data.architecture, Zoo.open(bundle.data.zoo_root).dataset, ""
+        else:
+            generator = load_generator(path, cfg.zoo)
+            samples, parents, info = sample(
+                generator, cfg.n, cfg.seed, cfg.method, cfg.parent, cfg.target_acc, cfg.optimizer, cfg.lr,
+                cfg.guidance, cfg.steps, novel_only=cfg.novel_only,
+            )  # fmt: skip
+            architecture, dataset = generator.basis.architecture, generator.basis.dataset
+            note = f" ({info['redrawn_as_copies']} draws redrawn as copies)"
+        zoo = write_sampled(cfg.out, architecture, dataset, samples, parents)
+    except (ZooError, ConditionError) as error:
+        fail("sample", str(error))
+    print(f"{len(zoo.records)} sampled ViTs written to {cfg.out}{note}")
+
+
 # -------------------------------------------------------------------------------------- plain commands
 
 
@@ -288,6 +415,44 @@ def verify_command(args: list[str]) -> None:
         print(f"vitzoo verify: {len(problems)} problem(s) in {options.zoo}", file=sys.stderr)
         sys.exit(1)
     print(f"{options.zoo}: every checkpoint matches its sha256")
+
+
+def probe_command(args: list[str]) -> None:
+    import torch
+
+    from generative.hyper import load_autoencoder
+    from generative.probe import probe
+    from zoo_builder.zoo import ZooError, atomic_write_json, code_version
+
+    parser = argparse.ArgumentParser(prog="vitzoo probe", description=COMMANDS["probe"])
+    parser.add_argument("autoencoder", help="autoencoder checkpoint (vitzoo train <zoo> model=autoencoder)")
+    parser.add_argument("zoo", nargs="?", default=None, help="its zoo, if it moved since training")
+    parser.add_argument("--out", default="runs/probe")
+    parser.add_argument("--threads", type=int, default=None)
+    options = parser.parse_args(args)
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    try:
+        bundle = load_autoencoder(options.autoencoder, options.zoo)
+    except ZooError as error:
+        fail("probe", str(error))
+    rows = probe(bundle)
+    out = Path(options.out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "results.json", {"autoencoder": options.autoencoder, "sha256": bundle.sha256,
+                                             "code_version": code_version(), "rows": rows})  # fmt: skip
+    lines = [
+        f"# Property probes of {options.autoencoder}",
+        "",
+        f"{len(bundle.data)} checkpoints, 5-fold cross-validation grouped by model, code {code_version()}.",
+        "",
+        "| property | metric | model embedding | weight statistics (baseline) |",
+        "|---|---|---|---|",
+        *[f"| {r['property']} | {r['metric']} | {r['embedding']:.3f} | {r['weight_statistics']:.3f} |" for r in rows],
+        "",
+    ]
+    (out / "report.md").write_text("\n".join(lines))
+    print((out / "report.md").read_text())
 
 
 def import_command(args: list[str]) -> None:

@@ -4,7 +4,7 @@ an unknown key or a value of the wrong type fails before anything runs)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
 
@@ -60,6 +60,7 @@ class EvaluateConfig:
     epoch: str = "last"
     reference: Optional[str] = None  # the zoo the samples came from: adds novelty and baselines
     reference_stage: Optional[str] = "finetune"
+    reference_head: Optional[str] = None  # only reference models with this head (linear | mlp)
     align: bool = True
     baselines: bool = True
     seed: int = 0
@@ -100,9 +101,59 @@ class SoupConfig:
     threads: Optional[int] = None
 
 
+@dataclass
+class TrainConfig:
+    path: str = "???"  # the zoo
+    model: Any = None  # configs/model/<name>.yaml: {name: diffusion, ...its config fields}
+    head: str = "linear"  # which fine-tunes (one head structure per generator)
+    out: str = "runs/generator"
+    save_every: int = 500
+    threads: Optional[int] = None
+    data_root: Optional[str] = None
+    progress: bool = True
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+@dataclass
+class SampleConfig:
+    path: str = "???"  # the generator checkpoint; "bundled" = the one shipped beside the bundled zoo
+    n: int = 100
+    method: str = "diffusion"  # diffusion | mix (generator checkpoints) | kde (autoencoder checkpoints)
+    bandwidth: float = 0.2  # kde: noise in units of the anchors' latent std
+    top: float = 1.0  # kde: anchors are this fraction of models, best by validation accuracy
+    out: str = "runs/samples"
+    seed: int = 0
+    parent: Optional[str] = None
+    target_acc: Optional[float] = None
+    optimizer: Optional[str] = None
+    lr: Optional[float] = None
+    guidance: float = 2.0
+    steps: int = 50
+    novel_only: bool = True
+    zoo: Optional[str] = None  # where the generator's zoo is, when it moved
+    threads: Optional[int] = None
+
+
+@dataclass
+class DemoConfig:
+    path: str = "bundled"  # the zoo
+    out: str = "runs/demo"
+    retrain: bool = False  # train the generator afresh instead of using the shipped one
+    n: int = 120  # unconditioned samples
+    targets: List[float] = field(default_factory=lambda: [0.3, 0.5, 0.7, 0.9])  # conditioned: val accuracies
+    per_target: int = 10
+    finetune_epochs: int = 1
+    seed: int = 0
+    threads: Optional[int] = None
+    progress: bool = False
+
+
 def register_schemas() -> None:
     store = ConfigStore.instance()
     store.store(name="soup_schema", node=SoupConfig)
     store.store(name="build_schema", node=BuildConfig)
     store.store(name="evaluate_schema", node=EvaluateConfig)
+    store.store(name="train_schema", node=TrainConfig)
+    store.store(name="sample_schema", node=SampleConfig)
+    store.store(name="demo_schema", node=DemoConfig)
     store.store(name="analyze_schema", node=AnalyzeConfig)

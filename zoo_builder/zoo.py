@@ -432,9 +432,11 @@ def write_sampled(
 ) -> Zoo:
     """A new zoo of stage `sampled`: model i (`sample-00000`, ...) gets one checkpoint (epoch 0) with the
     state dict, its `.factors` (the condition and how it was made: method, generator, ...) and its head
-    ({"head", "head_hidden", "num_classes"}). Refuses a folder that already holds anything."""
+    ({"head", "head_hidden", "num_classes"}). Refuses a folder that holds a zoo or anything but `logs/`."""
     root = Path(root)
-    if root.exists() and any(root.iterdir()):
+    if (root / "zoo.json").exists():
+        raise ZooError(f"output {root} already holds a zoo; sampled zoos are written into a new folder only")
+    if root.exists() and [p for p in root.iterdir() if p.name != "logs"]:  # logs: the command's own run folder
         raise ZooError(f"output {root} is not empty; sampled zoos are written into a new folder only")
     if not samples:
         raise ZooError("no samples to write")

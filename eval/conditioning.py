@@ -1,0 +1,176 @@
+"""Does a generator follow its conditions? Target accuracy and optimizer/lr, measured on the test split.
+
+- Target accuracy: `per_target` samples at each of `targets` (spread over the validation accuracies the generator
+  was trained on); Spearman correlation between the targets and the achieved test accuracies of all samples.
+- Optimizer/lr: `per_slot` samples conditioned on each trained (optimizer, lr); their mean test accuracy per slot
+  against the mean test accuracy of the zoo's runs in that slot (Spearman over slots: 1.0 = the zoo's ordering).
+
+python -m eval.conditioning bundled --out runs/conditioning     # the generator shipped beside the bundled zoo
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from pathlib import Path
+
+import torch
+from scipy.stats import spearmanr
+
+from eval.evaluation import evaluate
+from generative.generator import load_generator, sample
+from zoo_builder.zoo import atomic_write_json, code_version
+
+BUNDLED_GENERATOR = Path(__file__).resolve().parent.parent / "generative" / "bundled" / "generator.safetensors"
+
+
+def conditioning(
+    generator_path: str | Path,
+    targets: list[float] | None = None,
+    per_target: int = 10,
+    per_slot: int = 10,
+    guidance: float = 2.0,
+    seed: int = 0,
+    split: str = "test",
+) -> dict:
+    generator = load_generator(BUNDLED_GENERATOR if str(generator_path) == "bundled" else generator_path)
+    stats, basis = generator.stats, generator.basis
+    num_heads = basis.architecture.kwargs.get("num_heads")
+    if targets is None:
+        low, high = stats["accuracy_min"], stats["accuracy_max"]
+        targets = [round(low + (high - low) * (i + 0.5) / 8, 3) for i in range(8)]
+
+    def accuracies(samples) -> list[float]:
+        pairs = [(str(i), state_dict) for i, (state_dict, _, _) in enumerate(samples)]
+        return [r.accuracy for r in evaluate(pairs, basis.dataset, split, num_heads=num_heads)]
+
+    target_rows = []
+    for i, target in enumerate(targets):
+        samples, _, _ = sample(generator, per_target, seed + i, target_acc=target, guidance=guidance)
+        target_rows += [{"target": target, "achieved": a} for a in accuracies(samples)]
+    rho = spearmanr([r["target"] for r in target_rows], [r["achieved"] for r in target_rows]).statistic
+
+    slot_rows = []
+    for k, (optimizer, lr) in enumerate(basis.slots):
+        samples, _, _ = sample(generator, per_slot, seed + 100 + k, optimizer=optimizer, lr=lr, guidance=guidance)
+        zoo = [members[k].metrics.get(f"{split}_acc") for members in basis.members]
+        slot_rows.append({
+            "optimizer": optimizer,
+            "lr": lr,
+            "samples_mean": statistics.mean(accuracies(samples)),
+            "zoo_mean": statistics.mean(a for a in zoo if a is not None),
+        })  # fmt: skip
+    slot_rho = spearmanr([r["samples_mean"] for r in slot_rows], [r["zoo_mean"] for r in slot_rows]).statistic
+    factor_rows = []
+    for factor in ("optimizer", "lr"):
+        for value in dict.fromkeys(r[factor] for r in slot_rows):
+            mine = [r for r in slot_rows if r[factor] == value]
+            factor_rows.append({
+                "factor": factor,
+                "value": value,
+                "samples_mean": statistics.mean(r["samples_mean"] for r in mine),
+                "zoo_mean": statistics.mean(r["zoo_mean"] for r in mine),
+            })  # fmt: skip
+    orderings = {}
+    for factor in ("optimizer", "lr"):
+        mine = [r for r in factor_rows if r["factor"] == factor]
+        by = lambda key: [r["value"] for r in sorted(mine, key=lambda r: r[key])]  # noqa: B023
+        orderings[factor] = by("samples_mean") == by("zoo_mean")
+    return {
+        "generator": str(generator_path),
+        "generator_sha256": generator.sha256,
+        "split": split,
+        "seed": seed,
+        "guidance": guidance,
+        "code_version": code_version(),
+        "target_spearman": float(rho),
+        "slot_spearman": float(slot_rho),
+        "targets": target_rows,
+        "slots": slot_rows,
+        "factors": factor_rows,
+        "ordering_reproduced": orderings,
+    }
+
+
+def write_conditioning(result: dict, out: Path) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "results.json", result)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    targets = torch.tensor([r["target"] for r in result["targets"]])
+    achieved = torch.tensor([r["achieved"] for r in result["targets"]])
+    left.scatter(targets + 0.004 * torch.randn(len(targets)), achieved, s=12, alpha=0.6)
+    left.plot([0, 1], [0, 1], "k:", linewidth=1)
+    left.set_xlabel("target validation accuracy")
+    left.set_ylabel(f"achieved {result['split']} accuracy")
+    left.set_title(f"Spearman {result['target_spearman']:.2f}")
+    names = [f"{r['optimizer']} {r['lr']:g}" for r in result["slots"]]
+    x = torch.arange(len(names)).float()
+    right.bar(x - 0.2, [r["zoo_mean"] for r in result["slots"]], 0.4, label="zoo runs")
+    right.bar(x + 0.2, [r["samples_mean"] for r in result["slots"]], 0.4, label="conditioned samples")
+    right.set_xticks(x, names, rotation=30, fontsize=8)
+    right.set_ylabel(f"mean {result['split']} accuracy")
+    right.set_title(f"per optimizer/lr: Spearman {result['slot_spearman']:.2f}")
+    right.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(out / "conditioning.png", dpi=100)
+    plt.close(figure)
+    lines = [
+        f"# Conditioning of {result['generator']}",
+        "",
+        f"{result['split']} split, guidance {result['guidance']}, seed {result['seed']}, "
+        f"code {result['code_version']}.",
+        "",
+        f"Target accuracy: Spearman {result['target_spearman']:.3f} over {len(result['targets'])} samples.",
+        "",
+        "| target (val) | n | achieved mean | min | max |",
+        "|---|---|---|---|---|",
+    ]
+    for target in dict.fromkeys(r["target"] for r in result["targets"]):
+        values = [r["achieved"] for r in result["targets"] if r["target"] == target]
+        lines.append(f"| {target:.3f} | {len(values)} | {statistics.mean(values):.3f} | {min(values):.3f} | "
+                     f"{max(values):.3f} |")  # fmt: skip
+    lines += [
+        "",
+        f"Optimizer/lr: Spearman {result['slot_spearman']:.3f} between the samples' and the zoo's per-slot means.",
+        "",
+        "| optimizer | lr | zoo runs | conditioned samples |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {r['optimizer']} | {r['lr']:g} | {r['zoo_mean']:.3f} | {r['samples_mean']:.3f} |"
+              for r in result["slots"]]  # fmt: skip
+    lines += ["", "| factor | value | zoo runs | conditioned samples |", "|---|---|---|---|"]
+    lines += [f"| {r['factor']} | {r['value']:g} | {r['zoo_mean']:.3f} | {r['samples_mean']:.3f} |"
+              if isinstance(r["value"], float) else
+              f"| {r['factor']} | {r['value']} | {r['zoo_mean']:.3f} | {r['samples_mean']:.3f} |"
+              for r in result["factors"]]  # fmt: skip
+    reproduced = ", ".join(f"{k}: {'yes' if v else 'no'}" for k, v in result["ordering_reproduced"].items())
+    lines += ["", f"Per-factor ordering of the zoo reproduced by the conditioned samples: {reproduced}."]
+    lines += ["", "![conditioning](conditioning.png)", ""]
+    (out / "report.md").write_text("\n".join(lines))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("generator", help="generator checkpoint, or 'bundled'")
+    parser.add_argument("--out", default="runs/conditioning")
+    parser.add_argument("--per-target", type=int, default=10)
+    parser.add_argument("--per-slot", type=int, default=10)
+    parser.add_argument("--guidance", type=float, default=2.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = conditioning(args.generator, None, args.per_target, args.per_slot, args.guidance, args.seed)
+    out = write_conditioning(result, Path(args.out))
+    print((out / "report.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""The training data of the generators: a zoo's fine-tuned checkpoints as deltas from their exact start.
+
+A fine-tune starts from its parent's weights with a fresh head drawn from its seed, so its starting point
+(`zoo_builder.build.initial_state`) is known exactly; what fine-tuning adds is the delta w - w0. Models with
+the same parent, head type and head seed share w0: they form a **family**, and everything we measured
+says families are the unit of generation: interpolating two members of one family keeps (even slightly
+raises) their accuracy, far above isotropic noise at the same distance, while mixing two head seeds
+collapses (numbers in generative/diffusion.py). Generators therefore model deltas, conditioned on the family,
+and add the family's w0 back on decoding.
+
+One head structure per set (token sequences must agree): `head="linear"` or `"mlp"`.
+Deltas are standardised per tensor over the zoo (`tokenizer.Normalizer`) and tokenized row-aligned
+(`tokenizer.TokenSpec`); `DeltaSet` holds them all in memory ([n, T, d] float32: a few MB for the bundled
+zoo).
+
+Shapes: n checkpoints, T tokens, d token width, P position fields.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from tokenizer.normalize import Normalizer
+from tokenizer.spec import TokenSpec
+from tokenizer.tokens import detokenize, tokenize_batch
+from zoo_builder.blueprint import Factors, Run
+from zoo_builder.build import initial_state
+from zoo_builder.zoo import BUNDLED, Zoo
+
+StateDict = dict[str, torch.Tensor]
+TOKEN_WIDTH = 25  # the bundled ViT's rows (24 weights + bias) fit one token exactly
+
+
+def family_key(factors: dict, parent_id: str) -> tuple:
+    """Models with equal keys start from identical weights."""
+    return (parent_id, factors["head"], factors["head_hidden"], factors["seed"], factors["init"])
+
+
+@dataclass
+class Condition:
+    """What a generator is conditioned on, per checkpoint."""
+
+    family: int  # index into DeltaSet.families
+    parent: int  # index into DeltaSet.parents
+    optimizer: int  # index into OPTIMIZERS
+    log_lr: float
+    val_acc: float  # selection and conditioning use validation accuracy only
+
+
+OPTIMIZERS = ("adamw", "sgd")
+
+
+class DeltaSet:
+    """Every kept checkpoint of a zoo's finished fine-tunes, as normalised delta tokens (see module docstring)."""
+
+    def __init__(
+        self, zoo: Zoo, head: str = "linear", spec: TokenSpec | None = None, normalizer: Normalizer | None = None
+    ):
+        entries = list(zoo.filter(stage="finetune", status="done", head=head))
+        if len(entries) < 2:
+            raise ValueError(
+                f"{zoo.root} has {len(entries)} finished fine-tuned checkpoints with a {head} head; "
+                "generators need more"
+            )
+        self.head = head
+        self.zoo_root = "bundled" if zoo.root == BUNDLED else str(zoo.root)
+        self.architecture = zoo.architecture
+        self.num_heads = self.architecture.kwargs.get("num_heads")
+        self.entries = entries
+        parent_ids = sorted({e.parent_id for e in entries})
+        self.parents = parent_ids
+        parent_states = {pid: Zoo.filter(zoo, model_id=pid, epoch="last")[0].state_dict() for pid in parent_ids}
+        self.families: list[tuple] = []
+        self.inits: list[StateDict] = []
+        family_of = {}
+        for entry in entries:
+            key = family_key(entry.factors, entry.parent_id)
+            if key not in family_of:
+                run = Run(entry.model_id, "finetune", Factors(**entry.factors), entry.parent_id)
+                family_of[key] = len(self.families)
+                self.families.append(key)
+                self.inits.append(initial_state(run, self.architecture, parent_states[entry.parent_id]))
+        deltas = []
+        self.conditions: list[Condition] = []
+        for entry in entries:
+            family = family_of[family_key(entry.factors, entry.parent_id)]
+            weights = entry.state_dict()
+            deltas.append({k: weights[k] - self.inits[family][k] for k in weights})
+            self.conditions.append(
+                Condition(
+                    family,
+                    parent_ids.index(entry.parent_id),
+                    OPTIMIZERS.index(entry.factors["optimizer"]),
+                    math.log10(entry.factors["lr"]),
+                    entry.metrics.get("val_acc") or 0.0,
+                )
+            )
+        self.spec = spec or TokenSpec.from_state_dict(deltas[0], TOKEN_WIDTH, self.num_heads)
+        self.normalizer = normalizer or Normalizer.fit(deltas)
+        normalized = [{k: v.float() for k, v in self.normalizer.normalize(d).items()} for d in deltas]
+        self.tokens = tokenize_batch(normalized, self.spec).values.float()  # [n, T, d]
+        self.positions = self.spec.positions()  # [T, P]
+        self.mask = self.spec.mask()  # [T, d]
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def decode(self, tokens: torch.Tensor, family: int) -> StateDict:
+        """Weights from normalised delta tokens [T, d] and the family whose start they are added to."""
+        delta = self.normalizer.denormalize(detokenize(tokens.double(), self.spec))
+        return {k: (self.inits[family][k].double() + delta[k].double()).float() for k in delta}

@@ -1,0 +1,344 @@
+"""Training, checkpoints and sampling of the family-coordinate diffusion generator (generative/diffusion.py).
+
+`train_generator` builds the training set (every family's runs, plus random in-family mixtures whose
+validation accuracy is measured by the `measure` callback: the CLI passes the batched evaluator, so this
+package does not import `eval`), trains the denoiser with an EMA copy, and writes `generator.safetensors`:
+the EMA weights (a few hundred KB) and, in its metadata, the config, the basis it decodes into (zoo, head,
+slots, families, and the sha256 of every run it adds up) and the standardisation statistics. Training
+state (model, EMA, optimizer, step, the measured training set) is written to `train_state.safetensors`
+every `save_every` steps; a rerun continues from there and ends with the same weights as an uninterrupted run
+(the batch of step s is drawn from seed and s alone).
+
+`sample(generator, n, ...)` draws coordinates, decodes them exactly in the family basis and returns state
+dicts with their factors; conditions outside what was trained raise `ConditionError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from generative.diffusion import (
+    CoordinateDenoiser,
+    DiffusionConfig,
+    diffusion_loss,
+    sample_coordinates,
+    schedulers,
+)
+from generative.family import FamilyBasis
+from zoo_builder.zoo import Zoo, ZooError, atomic_write_bytes
+
+FORMAT = "vitzoo-generator-1"
+StateDict = dict[str, torch.Tensor]
+Measure = Callable[[list[StateDict]], list[float]]  # validation accuracy of each state dict
+
+
+class ConditionError(ValueError):
+    """A sampling condition the generator was not trained on."""
+
+
+@dataclass
+class TrainingSet:
+    coordinates: torch.Tensor  # [N, K] raw (sums to 1)
+    family: torch.Tensor  # [N] int64
+    accuracy: torch.Tensor  # [N] measured validation accuracy
+    slot: torch.Tensor  # [N] int64: the run with the largest coordinate
+
+
+def training_set(basis: FamilyBasis, config: DiffusionConfig, measure: Measure, progress: bool = False) -> TrainingSet:
+    """Every run (one-hot coordinates, its recorded val accuracy) and `config.mixtures` Dirichlet mixtures of
+    one family's runs with their measured val accuracy. A share `config.shrunk` of the mixtures is scaled by
+    s ~ U(0.2, 1) towards the family's start (partly trained models): novel models at low accuracies, so the
+    accuracy condition covers the zoo's whole range. The slot label of a mixture is its dominant run when that
+    run weighs at least half and the mixture is not shrunk (a slot stands for its run's full training), else
+    none."""
+    f_count, k_count = basis.num_families, basis.num_slots
+    family = torch.arange(f_count).repeat_interleave(k_count)
+    coordinates = torch.eye(k_count).repeat(f_count, 1)
+    accuracy = basis.val_acc.flatten()
+    rng = np.random.default_rng(config.seed)
+    mixed_family = torch.as_tensor(rng.integers(0, f_count, config.mixtures))
+    mixed = torch.as_tensor(rng.dirichlet([config.dirichlet] * k_count, config.mixtures), dtype=torch.float32)
+    shrunk = torch.as_tensor(rng.random(config.mixtures) < config.shrunk)
+    scale = torch.where(shrunk, torch.as_tensor(rng.uniform(0.2, 1.0, config.mixtures), dtype=torch.float32), 1.0)
+    mixed = mixed * scale[:, None]
+    measured = []
+    chunk = 250
+    from tqdm.auto import tqdm
+
+    for start in tqdm(range(0, config.mixtures, chunk), desc="measure mixtures (val)", disable=not progress):
+        state_dicts = [basis.decode(int(f), a) for f, a in zip(mixed_family[start : start + chunk],
+                                                                  mixed[start : start + chunk])]  # fmt: skip
+        measured += measure(state_dicts)
+    all_coordinates = torch.cat([coordinates, mixed])
+    weight, dominant = all_coordinates.max(dim=1)
+    full = torch.cat([torch.ones(len(family), dtype=torch.bool), ~shrunk])  # runs and unshrunk mixtures
+    return TrainingSet(
+        all_coordinates,
+        torch.cat([family, mixed_family]),
+        torch.cat([accuracy, torch.tensor(measured, dtype=torch.float32)]),
+        torch.where((weight >= 0.5) & full, dominant, k_count),
+    )
+
+
+@dataclass
+class Generator:
+    config: DiffusionConfig
+    basis: FamilyBasis
+    model: CoordinateDenoiser
+    stats: dict  # coordinate mean/std [K], accuracy mean/std/min/max, copy_threshold
+    sha256: str = ""
+
+
+def _standardise(data: TrainingSet) -> dict:
+    return {
+        "coordinate_mean": data.coordinates.mean(0).tolist(),
+        "coordinate_std": data.coordinates.std(0).clamp_min(1e-3).tolist(),
+        "accuracy_mean": data.accuracy.mean().item(),
+        "accuracy_std": max(data.accuracy.std().item(), 1e-3),
+        "accuracy_min": data.accuracy.min().item(),
+        "accuracy_max": data.accuracy.max().item(),
+    }
+
+
+def train_generator(
+    zoo: Zoo,
+    out: Path,
+    config: DiffusionConfig,
+    measure: Measure,
+    head: str = "linear",
+    save_every: int = 500,
+    progress: bool = True,
+    log: Callable[[dict], None] | None = None,
+) -> Path:
+    """Train (or continue training) and write `out/generator.safetensors`; returns its path."""
+    out.mkdir(parents=True, exist_ok=True)
+    basis = FamilyBasis(zoo, head)
+    state_path = out / "train_state.safetensors"
+    model = CoordinateDenoiser(basis.num_slots, basis.num_families, config)
+    ema = CoordinateDenoiser(basis.num_slots, basis.num_families, config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
+    start = 0
+    if state_path.exists():
+        saved, metadata = _read(state_path)
+        if metadata.get("config") != config.to_dict() or metadata.get("basis") != basis.describe():
+            raise ZooError(f"{state_path} was written by another config or zoo; use another out=<dir>")
+        data = TrainingSet(saved["data.coordinates"], saved["data.family"], saved["data.accuracy"], saved["data.slot"])
+        model.load_state_dict({k[6:]: v for k, v in saved.items() if k.startswith("model.")})
+        ema.load_state_dict({k[4:]: v for k, v in saved.items() if k.startswith("ema.")})
+        optimizer.load_state_dict(_optimizer_state(saved, optimizer))
+        start = int(metadata["step"])
+    else:
+        torch.manual_seed(config.seed)
+        model = CoordinateDenoiser(basis.num_slots, basis.num_families, config)
+        ema.load_state_dict(model.state_dict())
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
+        data = training_set(basis, config, measure, progress)
+    stats = _standardise(data) | {"copy_threshold": basis.min_pairwise_distance()}
+    x0 = (data.coordinates - torch.tensor(stats["coordinate_mean"])) / torch.tensor(stats["coordinate_std"])
+    accuracy = (data.accuracy - stats["accuracy_mean"]) / stats["accuracy_std"]
+    train_scheduler, _ = schedulers(config)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=config.steps, initial=start, desc="train diffusion", disable=not progress)
+    for step in range(start, config.steps):
+        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+        batch = torch.randint(0, len(x0), (config.batch_size,), generator=generator)
+        loss = diffusion_loss(model, train_scheduler, x0[batch], data.family[batch], accuracy[batch],
+                              data.slot[batch], config.condition_dropout, generator)  # fmt: skip
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            for e, p in zip(ema.parameters(), model.parameters()):
+                e.lerp_(p, 1 - config.ema)
+        bar.update(1)
+        if log is not None and (step % 50 == 0 or step == config.steps - 1):
+            log({"step": step, "diffusion/loss": loss.item()})
+        if (step + 1) % save_every == 0 or step + 1 == config.steps:
+            _write_state(state_path, model, ema, optimizer, data, step + 1, config, basis)
+    bar.close()
+    metadata = {"format": FORMAT, "config": config.to_dict(), "basis": basis.describe(), "stats": stats,
+                "architecture": basis.architecture.to_dict()}  # fmt: skip
+    data_bytes = save_safetensors({k: v.contiguous() for k, v in ema.state_dict().items()},
+                                  {"vitzoo": json.dumps(metadata, sort_keys=True)})  # fmt: skip
+    atomic_write_bytes(out / "generator.safetensors", data_bytes)
+    return out / "generator.safetensors"
+
+
+def _write_state(path, model, ema, optimizer, data: TrainingSet, step, config, basis) -> None:
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors |= {f"ema.{k}": v for k, v in ema.state_dict().items()}
+    for index, state in optimizer.state_dict()["state"].items():
+        tensors |= {f"optim.{index}.{k}": torch.as_tensor(v) for k, v in state.items()}
+    tensors |= {"data.coordinates": data.coordinates, "data.family": data.family, "data.accuracy": data.accuracy,
+                "data.slot": data.slot}  # fmt: skip
+    metadata = {"step": step, "config": config.to_dict(), "basis": basis.describe()}
+    blob = save_safetensors({k: v.contiguous() for k, v in tensors.items()}, {"vitzoo": json.dumps(metadata)})
+    atomic_write_bytes(path, blob)
+
+
+def _optimizer_state(saved: dict, optimizer: torch.optim.Optimizer) -> dict:
+    state = optimizer.state_dict()
+    for key, value in saved.items():
+        if key.startswith("optim."):
+            index, name = key[len("optim.") :].split(".", 1)
+            state["state"].setdefault(int(index), {})[name] = value
+    return state
+
+
+def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    blob = path.read_bytes()
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        metadata = json.loads((handle.metadata() or {}).get("vitzoo", "{}"))
+    return load_safetensors(blob), metadata
+
+
+# ------------------------------------------------------------------------------------------------ loading
+
+
+def checkpoint_format(path: str | Path) -> str | None:
+    """The `format` a vitzoo checkpoint records (generator or autoencoder), None for anything else."""
+    try:
+        return _read(Path(path))[1].get("format")
+    except Exception:  # not a file, not safetensors, no metadata: not ours
+        return None
+
+
+def load_generator(path: str | Path, zoo: str | None = None) -> Generator:
+    """A generator checkpoint and the basis it decodes into (rebuilt from its zoo and checked run by run)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ZooError(f"no generator checkpoint at {path}")
+    try:
+        weights, metadata = _read(path)
+    except Exception as error:  # safetensors raises several types for a foreign or truncated file
+        raise ZooError(f"{path} is not a generator checkpoint: {error}") from error
+    if metadata.get("format") != FORMAT:
+        raise ZooError(f"{path} is not a vitzoo generator checkpoint (format {metadata.get('format')!r})")
+    names = {f.name for f in fields(DiffusionConfig)}
+    config = DiffusionConfig(**{k: v for k, v in metadata["config"].items() if k in names})
+    recorded = metadata["basis"]
+    basis = FamilyBasis(Zoo.open(zoo or recorded["zoo"]), recorded["head"])
+    if basis.describe() | {"zoo": recorded["zoo"]} != recorded:
+        raise ZooError(
+            f"{path} was trained on other runs than {zoo or recorded['zoo']} holds now (families, slots, or "
+            "checkpoint sha256 differ); retrain it on this zoo"
+        )
+    model = CoordinateDenoiser(basis.num_slots, basis.num_families, config)
+    model.load_state_dict(weights)
+    model.eval()
+    return Generator(config, basis, model, metadata["stats"], hashlib.sha256(path.read_bytes()).hexdigest())
+
+
+# ----------------------------------------------------------------------------------------------- sampling
+
+
+def sample(
+    generator: Generator,
+    n: int,
+    seed: int = 0,
+    method: str = "diffusion",
+    parent: str | None = None,
+    target_acc: float | None = None,
+    optimizer: str | None = None,
+    lr: float | None = None,
+    guidance: float = 2.0,
+    steps: int = 50,
+    dirichlet: float = 1.0,
+    novel_only: bool = True,
+    max_rounds: int = 20,
+) -> tuple[list[tuple[StateDict, dict, dict]], list[str | None], dict]:
+    """n models as (state_dict, factors, head), their parents, and a summary of the draw.
+
+    method: "diffusion" (the trained generator) or "mix" (Dirichlet mixtures of a family's runs: the same
+    basis without learning, as a reference). With `novel_only`, draws closer to one of the family's runs than
+    the closest two runs of any family (`stats["copy_threshold"]`) are redrawn."""
+    basis, stats = generator.basis, generator.stats
+    if n <= 0:
+        raise ConditionError(f"n must be positive, got {n}")
+    if method not in ("diffusion", "mix"):
+        raise ConditionError(f"method must be diffusion or mix, got {method!r}")
+    families = list(range(basis.num_families))
+    if parent is not None:
+        families = [f for f in families if basis.families[f][0] == parent]
+        if not families:
+            known = sorted({key[0] for key in basis.families})
+            raise ConditionError(f"parent {parent!r} is not one the generator was trained on: {known}")
+    if target_acc is not None and not stats["accuracy_min"] <= target_acc <= stats["accuracy_max"]:
+        raise ConditionError(
+            f"target_acc={target_acc} is outside the validation accuracies it was trained on "
+            f"[{stats['accuracy_min']:.3f}, {stats['accuracy_max']:.3f}]; it does not extrapolate"
+        )
+    slot = None
+    if (optimizer is None) != (lr is None):
+        raise ConditionError("condition on optimizer and lr together (a slot is the pair)")
+    if optimizer is not None:
+        wanted = (optimizer, float(lr))
+        if wanted not in basis.slots:
+            raise ConditionError(f"optimizer/lr {wanted} is not a trained condition; trained: {basis.slots}")
+        slot = basis.slots.index(wanted)
+    if method == "mix" and (target_acc is not None or slot is not None):
+        raise ConditionError("method=mix draws unconditioned mixtures; condition the diffusion method instead")
+    rng = torch.Generator().manual_seed(seed)
+    numpy_rng = np.random.default_rng(seed)
+    mean, std = torch.tensor(stats["coordinate_mean"]), torch.tensor(stats["coordinate_std"])
+    kept: list[tuple[int, torch.Tensor]] = []
+    redrawn = 0
+    for _ in range(max_rounds):
+        need = n - len(kept)
+        if need == 0:
+            break
+        family = torch.as_tensor(families)[torch.randint(len(families), (need,), generator=rng)]
+        if method == "mix":
+            coordinates = torch.as_tensor(numpy_rng.dirichlet([dirichlet] * basis.num_slots, need))
+        else:
+            accuracy = None
+            if target_acc is not None:
+                accuracy = torch.full((need,), (target_acc - stats["accuracy_mean"]) / stats["accuracy_std"])
+            slots = None if slot is None else torch.full((need,), slot)
+            x = sample_coordinates(generator.model, schedulers(generator.config)[1], family, accuracy, slots,
+                                   guidance, steps, rng)  # fmt: skip
+            coordinates = x * std + mean
+        for f, a in zip(family.tolist(), coordinates):
+            nearest = basis.distances(f, a[None])[0].min().item()
+            if novel_only and nearest < stats["copy_threshold"]:
+                redrawn += 1
+                continue
+            kept.append((f, a.float()))
+    if len(kept) < n:
+        raise ConditionError(
+            f"only {len(kept)} of {n} draws were novel after {max_rounds} rounds; try novel_only=false"
+        )
+    samples, parents = [], []
+    for f, a in kept[:n]:
+        parent_id, head, head_hidden, head_seed, _ = basis.families[f]
+        factors = {
+            "method": method,
+            "generator": generator.sha256,
+            "family_seed": head_seed,
+            "target_acc": target_acc,
+            "optimizer": optimizer,
+            "lr": lr,
+            "guidance": guidance if method == "diffusion" else None,
+            "coordinates": [round(v, 6) for v in a.tolist()],
+            "sample_seed": seed,
+        }
+        samples.append((basis.decode(f, a), factors, {"head": head, "head_hidden": head_hidden,
+                                                      "num_classes": _classes(basis, f)}))  # fmt: skip
+        parents.append(parent_id)
+    return samples, parents, {"drawn": len(kept) + redrawn, "redrawn_as_copies": redrawn}
+
+
+def _classes(basis: FamilyBasis, family: int) -> int:
+    return basis.members[family][0].head["num_classes"]

@@ -1,0 +1,211 @@
+"""Training, checkpoints, embeddings and SANE-style sampling of the hyper-representation autoencoder.
+
+`train_autoencoder(zoo, out, config)` trains `HyperAutoencoder` (generative/autoencoder.py) on a zoo's
+fine-tuned checkpoints as normalised delta tokens (generative/data.py), two augmented views per model (random
+function-preserving permutation, noise, masked tokens), with an EMA copy; `train_state.safetensors` is written
+every `save_every` steps and a rerun continues from it to the same weights (step s draws its batch and
+augmentations from seed and s alone). The final `autoencoder.safetensors` holds the EMA weights and, in its
+metadata, the config, the token spec, the normaliser and the checkpoints it was trained on (with sha256).
+
+`embeddings(bundle)` gives the model-level embedding of every checkpoint (for property probes);
+`sample_kde(bundle, n, ...)` is SANE's sampler: the token latents of anchor models plus Gaussian noise
+(bandwidth x the latents' per-dimension std), decoded and added to the anchor family's start.
+
+Shapes: n checkpoints, B batch, T tokens, d token width, k latent width, e embedding width.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import save as save_safetensors
+
+from generative.autoencoder import AutoencoderConfig, HyperAutoencoder, mask_tokens
+from generative.data import DeltaSet
+from generative.generator import ConditionError, _read
+from tokenizer.normalize import Normalizer
+from tokenizer.spec import TokenSpec
+from tokenizer.symmetries import permutable_layers, random_permutation
+from tokenizer.tokens import detokenize, tokenize
+from zoo_builder.zoo import Zoo, ZooError, atomic_write_bytes
+
+FORMAT = "vitzoo-autoencoder-1"
+StateDict = dict[str, torch.Tensor]
+
+
+@dataclass
+class AutoencoderBundle:
+    config: AutoencoderConfig
+    data: DeltaSet
+    model: HyperAutoencoder
+    sha256: str = ""
+
+
+def describe(data: DeltaSet) -> dict:
+    return {
+        "zoo": data.zoo_root,
+        "head": data.head,
+        "checkpoints": [[e.model_id, e.epoch, e.sha256] for e in data.entries],
+    }
+
+
+def augmented_views(data: DeltaSet, batch: torch.Tensor, config: AutoencoderConfig, generator, layers):
+    """views [2, B, T, d] (permuted, noisy, masked) and their clean targets [2, B, T, d]."""
+    clean = []
+    for _ in range(2):
+        rows = []
+        for index in batch.tolist():
+            tokens = data.tokens[index]
+            if config.permute:
+                permuted = random_permutation(detokenize(tokens, data.spec), generator=generator, layers=layers)
+                tokens = tokenize(permuted, data.spec, check_finite=False).values
+            rows.append(tokens)
+        clean.append(torch.stack(rows))
+    clean = torch.stack(clean)
+    mask = data.mask.float()
+    noisy = clean + config.noise * torch.randn(clean.shape, generator=generator) * mask
+    views = torch.stack([mask_tokens(noisy[v], config.mask_fraction, generator) for v in range(2)])
+    return views, clean
+
+
+def train_autoencoder(
+    zoo: Zoo,
+    out: Path,
+    config: AutoencoderConfig,
+    head: str = "linear",
+    save_every: int = 200,
+    progress: bool = True,
+    log: Callable[[dict], None] | None = None,
+) -> Path:
+    """Train (or continue training) and write `out/autoencoder.safetensors`; returns its path."""
+    out.mkdir(parents=True, exist_ok=True)
+    data = DeltaSet(zoo, head)
+    layers = permutable_layers(detokenize(data.tokens[0], data.spec), data.num_heads)
+    state_path = out / "train_state.safetensors"
+    torch.manual_seed(config.seed)
+    model = HyperAutoencoder(data.spec, config)
+    ema = HyperAutoencoder(data.spec, config)
+    ema.load_state_dict(model.state_dict())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
+    start = 0
+    if state_path.exists():
+        saved, metadata = _read(state_path)
+        if metadata.get("config") != config.to_dict() or metadata.get("data") != describe(data):
+            raise ZooError(f"{state_path} was written by another config or zoo; use another out=<dir>")
+        model.load_state_dict({k[6:]: v for k, v in saved.items() if k.startswith("model.")})
+        ema.load_state_dict({k[4:]: v for k, v in saved.items() if k.startswith("ema.")})
+        state = optimizer.state_dict()
+        for key, value in saved.items():
+            if key.startswith("optim."):
+                index, name = key[len("optim.") :].split(".", 1)
+                state["state"].setdefault(int(index), {})[name] = value
+        optimizer.load_state_dict(state)
+        start = int(metadata["step"])
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=config.steps, initial=start, desc="train autoencoder", disable=not progress)
+    for step in range(start, config.steps):
+        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+        batch = torch.randint(0, len(data), (config.batch_size,), generator=generator)
+        views, clean = augmented_views(data, batch, config, generator, layers)
+        loss, logs = model.loss(views, clean)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            for e, p in zip(ema.parameters(), model.parameters()):
+                e.lerp_(p, 1 - config.ema)
+        bar.update(1)
+        bar.set_postfix(reconstruction=f"{logs['reconstruction']:.3f}")
+        if log is not None and (step % 25 == 0 or step == config.steps - 1):
+            log({"step": step, **{f"autoencoder/{k}": v for k, v in logs.items()}})
+        if (step + 1) % save_every == 0 or step + 1 == config.steps:
+            tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+            tensors |= {f"ema.{k}": v for k, v in ema.state_dict().items()}
+            for index, p_state in optimizer.state_dict()["state"].items():
+                tensors |= {f"optim.{index}.{k}": torch.as_tensor(v) for k, v in p_state.items()}
+            metadata = {"step": step + 1, "config": config.to_dict(), "data": describe(data)}
+            blob = save_safetensors({k: v.contiguous() for k, v in tensors.items()}, {"vitzoo": json.dumps(metadata)})
+            atomic_write_bytes(state_path, blob)
+    bar.close()
+    metadata = {
+        "format": FORMAT,
+        "config": config.to_dict(),
+        "spec": data.spec.to_dict(),
+        "normalizer": {"mode": data.normalizer.mode, "mean": data.normalizer.mean, "std": data.normalizer.std},
+        "data": describe(data),
+    }
+    blob = save_safetensors({k: v.contiguous() for k, v in ema.state_dict().items()},
+                            {"vitzoo": json.dumps(metadata, sort_keys=True)})  # fmt: skip
+    atomic_write_bytes(out / "autoencoder.safetensors", blob)
+    return out / "autoencoder.safetensors"
+
+
+def load_autoencoder(path: str | Path, zoo: str | None = None) -> AutoencoderBundle:
+    """An autoencoder checkpoint and its training data, rebuilt from its zoo and checked checkpoint by checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise ZooError(f"no autoencoder checkpoint at {path}")
+    try:
+        weights, metadata = _read(path)
+    except Exception as error:  # safetensors raises several types for a foreign or truncated file
+        raise ZooError(f"{path} is not an autoencoder checkpoint: {error}") from error
+    if metadata.get("format") != FORMAT:
+        raise ZooError(f"{path} is not a vitzoo autoencoder checkpoint (format {metadata.get('format')!r})")
+    names = {f.name for f in fields(AutoencoderConfig)}
+    config = AutoencoderConfig(**{k: v for k, v in metadata["config"].items() if k in names})
+    recorded = metadata["data"]
+    spec = TokenSpec.from_dict(metadata["spec"])
+    normalizer = Normalizer(**metadata["normalizer"])
+    data = DeltaSet(Zoo.open(zoo or recorded["zoo"]), recorded["head"], spec, normalizer)
+    if describe(data) | {"zoo": recorded["zoo"]} != recorded:
+        raise ZooError(f"{path} was trained on other checkpoints than {zoo or recorded['zoo']} holds now")
+    model = HyperAutoencoder(spec, config)
+    model.load_state_dict(weights)
+    model.eval()
+    return AutoencoderBundle(config, data, model, hashlib.sha256(path.read_bytes()).hexdigest())
+
+
+@torch.no_grad()
+def embeddings(bundle: AutoencoderBundle, batch: int = 64) -> torch.Tensor:
+    """[n, e] model-level embeddings of every training checkpoint (no augmentation)."""
+    out = []
+    for start in range(0, len(bundle.data), batch):
+        out.append(bundle.model.embed(bundle.model.encode(bundle.data.tokens[start : start + batch])))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def sample_kde(
+    bundle: AutoencoderBundle, n: int, seed: int = 0, bandwidth: float = 0.2, top: float = 1.0
+) -> tuple[list[tuple[StateDict, dict, dict]], list[str]]:
+    """SANE's sampler: latents of anchors (each model's last checkpoint; the `top` fraction by validation
+    accuracy) plus noise of `bandwidth` x the per-dimension std of the anchors' latents, decoded."""
+    if n <= 0:
+        raise ConditionError(f"n must be positive, got {n}")
+    if not 0 < top <= 1:
+        raise ConditionError(f"top must be in (0, 1], got {top}")
+    data = bundle.data
+    last = {}
+    for i, entry in enumerate(data.entries):
+        last[entry.model_id] = i  # entries are sorted by epoch within a model: the last one wins
+    anchors = sorted(last.values(), key=lambda i: -data.conditions[i].val_acc)[: max(1, round(top * len(last)))]
+    latents = bundle.model.encode(data.tokens[anchors])  # [A, T, k]
+    spread = latents.std(dim=0, keepdim=True)  # [1, T, k]
+    generator = torch.Generator().manual_seed(seed)
+    chosen = torch.randint(len(anchors), (n,), generator=generator)
+    noisy = latents[chosen] + bandwidth * spread * torch.randn(n, *latents.shape[1:], generator=generator)
+    tokens = bundle.model.decode(noisy)
+    samples, parents = [], []
+    for token_values, a in zip(tokens, chosen.tolist()):
+        anchor = data.entries[anchors[a]]
+        factors = {"method": "kde", "generator": bundle.sha256, "anchor": anchor.model_id, "bandwidth": bandwidth,
+                   "top": top, "sample_seed": seed}  # fmt: skip
+        samples.append((data.decode(token_values, data.conditions[anchors[a]].family), factors, anchor.head))
+        parents.append(anchor.parent_id)
+    return samples, parents

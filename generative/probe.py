@@ -1,0 +1,76 @@
+"""Property prediction from hyper-representations: what do the model embeddings know about a model?
+
+For every checkpoint the autoencoder was trained on: linear probes from its model-level embedding to test
+accuracy, epoch and log10 learning rate (ridge regression, R^2) and to optimizer and parent (logistic
+regression, accuracy), on held-out models (5-fold cross-validation grouped by model, so no model's other epochs
+are seen in training). The baseline is the same probes on per-tensor weight statistics of the full weights
+(mean, std, L2 norm and the 1/25/50/75/99% quantiles of every tensor), which SANE found about as predictive.
+All checkpoints share one head type (one per autoencoder), so head type is not probed.
+
+Shapes: n checkpoints, e embedding width.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression, RidgeCV
+from sklearn.metrics import accuracy_score, r2_score
+from sklearn.model_selection import GroupKFold
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from generative.hyper import AutoencoderBundle, embeddings
+
+QUANTILES = torch.tensor([0.01, 0.25, 0.5, 0.75, 0.99], dtype=torch.float64)
+
+
+def weight_statistics(state_dict: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[8 x tensors] per-tensor mean, std, norm and quantiles."""
+    features = []
+    for key in sorted(state_dict):
+        values = state_dict[key].double().flatten()
+        std = values.std() if values.numel() > 1 else torch.zeros((), dtype=torch.float64)
+        features += [values.mean()[None], std[None], values.norm()[None], torch.quantile(values, QUANTILES)]
+    return torch.cat(features)
+
+
+def targets(bundle: AutoencoderBundle) -> dict[str, tuple[str, np.ndarray]]:
+    entries = bundle.data.entries
+    return {
+        "test accuracy": ("regression", np.array([e.metrics.get("test_acc") or 0.0 for e in entries])),
+        "epoch": ("regression", np.array([e.epoch for e in entries], dtype=float)),
+        "log10 lr": ("regression", np.array([math.log10(e.factors["lr"]) for e in entries])),
+        "optimizer": ("classification", np.array([e.factors["optimizer"] for e in entries])),
+        "parent": ("classification", np.array([e.parent_id for e in entries])),
+    }
+
+
+def cross_validated(features: np.ndarray, kind: str, y: np.ndarray, groups: np.ndarray) -> float:
+    predictions = np.empty(len(y), dtype=y.dtype if kind == "classification" else float)
+    for train, test in GroupKFold(n_splits=5).split(features, y, groups):
+        if kind == "regression":
+            model = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-3, 3, 13)))
+        else:
+            model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+        model.fit(features[train], y[train])
+        predictions[test] = model.predict(features[test])
+    return r2_score(y, predictions) if kind == "regression" else accuracy_score(y, predictions)
+
+
+def probe(bundle: AutoencoderBundle) -> list[dict]:
+    """One row per property: the embedding's and the weight-statistics baseline's held-out score."""
+    embedded = embeddings(bundle).double().numpy()
+    statistics = torch.stack([weight_statistics(e.state_dict()) for e in bundle.data.entries]).numpy()
+    groups = np.array([e.model_id for e in bundle.data.entries])
+    rows = []
+    for name, (kind, y) in targets(bundle).items():
+        rows.append({
+            "property": name,
+            "metric": "R2" if kind == "regression" else "accuracy",
+            "embedding": cross_validated(embedded, kind, y, groups),
+            "weight_statistics": cross_validated(statistics, kind, y, groups),
+        })  # fmt: skip
+    return rows

@@ -1,0 +1,22 @@
+"""The conditioning report: Spearman correlations and per-factor orderings computed from its own rows."""
+
+import json
+
+from scipy.stats import spearmanr
+
+from eval.conditioning import conditioning, write_conditioning
+
+
+def test_conditioning_report_is_consistent_with_its_rows(tmp_path):
+    result = conditioning("bundled", targets=[0.3, 0.6, 0.9], per_target=3, per_slot=2, seed=1)
+    rows = result["targets"]
+    assert len(rows) == 9 and {r["target"] for r in rows} == {0.3, 0.6, 0.9}
+    expected = spearmanr([r["target"] for r in rows], [r["achieved"] for r in rows]).statistic
+    assert abs(result["target_spearman"] - expected) < 1e-12
+    assert len(result["slots"]) == 6 and all(0 <= r["samples_mean"] <= 1 for r in result["slots"])
+    optimizers = {r["value"]: r for r in result["factors"] if r["factor"] == "optimizer"}
+    adamw = [r["samples_mean"] for r in result["slots"] if r["optimizer"] == "adamw"]
+    assert abs(optimizers["adamw"]["samples_mean"] - sum(adamw) / 3) < 1e-12
+    out = write_conditioning(result, tmp_path / "conditioning")
+    assert json.loads((out / "results.json").read_text())["generator_sha256"] == result["generator_sha256"]
+    assert (out / "conditioning.png").stat().st_size > 0 and "Spearman" in (out / "report.md").read_text()

@@ -1,0 +1,63 @@
+"""`vitzoo demo`: every stage, one report folder, resume from the last finished stage with the same table."""
+
+import json
+
+from conftest import run_cli
+
+from zoo_builder import Zoo
+
+
+def test_demo_runs_every_stage_and_resumes(tmp_path):
+    out = tmp_path / "demo"
+    small = ["n=6", "targets=[0.5,0.9]", "per_target=2", "finetune_epochs=0", f"out={out}", "threads=1"]
+    first = run_cli("demo", *small, timeout=900)
+    for stage in ("tokenize", "generator", "sample", "evaluate", "soups", "report"):
+        assert f"] {stage} (" in first.stdout
+    assert "| sampled zero-shot | 6 |" in first.stdout and "| conditioned samples | 4 |" in first.stdout
+    samples = Zoo.open(out / "samples")
+    assert len(samples) == 10 and {e.factors["method"] for e in samples} == {"diffusion"}
+    assert sum(e.factors["target_acc"] is not None for e in samples) == 4
+    results = json.loads((out / "results.json").read_text())
+    names = [r["population"] for r in results["rows"]]
+    # fine-tuning is off here (it is the slow part): no "sampled after fine-tuning" row
+    assert names == ["zoo (fine-tuned)", "random init", "Gaussian baseline", "noise-around-zoo baseline",
+                     "sampled zero-shot", "conditioned samples"]  # fmt: skip
+    for name in ("report.md", "evaluation/novelty.png", "soups/report.md", "generator/generator.safetensors"):
+        assert (out / name).stat().st_size > 0
+
+    stages = json.loads((out / "stages.json").read_text())
+    del stages["seconds"]["report"]  # as if killed during the report stage
+    (out / "stages.json").write_text(json.dumps(stages))
+    (out / "results.json").unlink()
+    second = run_cli("demo", *small, timeout=900)
+    assert "] report (" in second.stdout and "] soups (" not in second.stdout
+    again = json.loads((out / "results.json").read_text())
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert strip(again["rows"]) == strip(results["rows"])
+
+    other = run_cli("demo", "n=7", f"out={out}", check=False)
+    assert other.returncode == 2 and "another config" in other.stderr
+
+
+def test_summary_rows_pick_the_populations_and_the_fine_tuned_accuracy():
+    from vitzoo.demo import summary_rows
+
+    def row(name, n, mean):
+        return {"population": name, "n": n, "mean_acc": mean, "median_acc": mean, "max_acc": mean, "copies": 0.0,
+                "median_nn_distance": 1.0, "seconds": 2.0}  # fmt: skip
+
+    comparison = {
+        "rows": [row("zoo", 3, 0.8), row("diffusion", 2, 0.7), row("diffusion (conditioned)", 2, 0.6),
+                 row("random init", 2, 0.1), row("gaussian", 2, 0.1), row("zoo + noise (diffusion)", 2, 0.5),
+                 row("zoo + noise (diffusion (conditioned))", 2, 0.4)],
+        "models": [{"population": "diffusion", "finetune": [0.7, 0.9]},
+                   {"population": "diffusion", "finetune": [0.7, 0.8]},
+                   {"population": "zoo", "finetune": [0.8, 0.1]}],
+    }  # fmt: skip
+    rows = summary_rows(comparison, {"sample": 5.0})
+    by_name = {r["population"]: r for r in rows}
+    assert by_name["noise-around-zoo baseline"]["mean_acc"] == 0.5  # matched to the unconditioned samples
+    assert by_name["sampled zero-shot"]["seconds"] == 7.0  # evaluation plus the sampling stage
+    tuned = by_name["sampled after 1 epoch fine-tuning"]
+    assert tuned["n"] == 2 and abs(tuned["mean_acc"] - 0.85) < 1e-12 and tuned["max_acc"] == 0.9
+    assert by_name["conditioned samples"]["mean_acc"] == 0.6

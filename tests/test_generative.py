@@ -1,0 +1,136 @@
+"""Generators: exact family bases, diffusion training with exact resume, conditioned sampling, clear errors."""
+
+import pytest
+import torch
+from conftest import run_cli
+
+from generative.data import DeltaSet
+from generative.diffusion import DiffusionConfig
+from generative.family import FamilyBasis
+from generative.generator import ConditionError, load_generator, sample, train_generator
+from zoo_builder import Zoo
+from zoo_builder.zoo import ZooError, write_sampled
+
+TINY = DiffusionConfig(d_model=16, depth=1, heads=2, mixtures=24, steps=12, batch_size=16)
+
+
+@pytest.fixture(scope="module")
+def basis():
+    return FamilyBasis(Zoo.open("bundled"))
+
+
+def fake_measure(state_dicts):
+    """Stands in for the evaluator: a deterministic number per model (the head's mean weight)."""
+    return [float(sd["head.weight"].mean()) for sd in state_dicts]
+
+
+def test_family_basis_decodes_every_run_exactly(basis):
+    assert basis.num_families == 20 and basis.num_slots == 6 and basis.skipped == 0
+    for family in (0, 7, 19):
+        for slot in range(basis.num_slots):
+            decoded = basis.decode(family, torch.eye(basis.num_slots)[slot])
+            weights = basis.members[family][slot].state_dict()
+            assert max((decoded[k] - weights[k]).abs().max().item() for k in weights) < 1e-6
+
+
+def test_distances_from_the_gram_matrix_equal_weight_space_distances(basis):
+    coordinates = torch.tensor([[0.5, 0.5, 0, 0, 0, 0], [0.2, 0.1, 0.3, 0.1, 0.2, 0.1]], dtype=torch.float64)
+    distances = basis.distances(3, coordinates)
+    for b in range(2):
+        model = basis.decode(3, coordinates[b])
+        for k in range(basis.num_slots):
+            run = basis.decode(3, torch.eye(basis.num_slots)[k])
+            direct = torch.cat([(model[key] - run[key]).double().flatten() for key in run]).norm().item()
+            assert distances[b, k].item() == pytest.approx(direct, rel=1e-4, abs=1e-4)
+
+
+def test_delta_tokens_decode_to_the_checkpoints():
+    deltas = DeltaSet(Zoo.open("bundled"))
+    assert deltas.tokens.shape == (300, 470, 25)
+    for index in (0, 151, 299):
+        decoded = deltas.decode(deltas.tokens[index], deltas.conditions[index].family)
+        weights = deltas.entries[index].state_dict()
+        assert max((decoded[k] - weights[k]).abs().max().item() for k in weights) < 1e-6
+
+
+def test_training_resumes_to_the_same_generator(tmp_path, monkeypatch):
+    zoo = Zoo.open("bundled")
+    whole = train_generator(zoo, tmp_path / "whole", TINY, fake_measure, save_every=4, progress=False)
+
+    import generative.generator as module
+
+    writes = []
+    original = module._write_state
+
+    def crash_after_two_writes(*args):
+        original(*args)
+        writes.append(1)
+        if len(writes) == 2:
+            raise KeyboardInterrupt  # killed after step 8 was saved
+
+    monkeypatch.setattr(module, "_write_state", crash_after_two_writes)
+    with pytest.raises(KeyboardInterrupt):
+        train_generator(zoo, tmp_path / "resumed", TINY, fake_measure, save_every=4, progress=False)
+    monkeypatch.setattr(module, "_write_state", original)
+    resumed = train_generator(zoo, tmp_path / "resumed", TINY, fake_measure, save_every=4, progress=False)
+    assert whole.read_bytes() == resumed.read_bytes()
+    with pytest.raises(ZooError, match="another config"):
+        train_generator(zoo, tmp_path / "resumed", DiffusionConfig(steps=13), fake_measure, progress=False)
+
+
+def test_sampling_writes_a_loadable_zoo_and_refuses_bad_conditions(tmp_path):
+    zoo = Zoo.open("bundled")
+    path = train_generator(zoo, tmp_path / "generator", TINY, fake_measure, progress=False)
+    generator = load_generator(path)
+    samples, parents, info = sample(generator, 5, seed=0, target_acc=generator.stats["accuracy_max"],
+                                    optimizer="adamw", lr=3e-3)  # fmt: skip
+    assert len(samples) == len(parents) == 5 and info["drawn"] >= 5
+    sampled = write_sampled(tmp_path / "samples", generator.basis.architecture, "digits", samples, parents)
+    for entry in sampled:
+        assert entry.stage == "sampled" and entry.factors["method"] == "diffusion"
+        assert entry.factors["generator"] == generator.sha256 and entry.factors["optimizer"] == "adamw"
+        entry.model()  # loads strictly into the timm ViT
+        assert entry.parent_id in {key[0] for key in generator.basis.families}
+    mixed, _, _ = sample(generator, 3, method="mix")
+    assert all(abs(sum(factors["coordinates"]) - 1) < 1e-4 for _, factors, _ in mixed)
+    with pytest.raises(ConditionError, match="outside"):
+        sample(generator, 2, target_acc=generator.stats["accuracy_max"] + 0.5)
+    with pytest.raises(ConditionError, match="not a trained condition"):
+        sample(generator, 2, optimizer="adamw", lr=0.5)
+    with pytest.raises(ConditionError, match="positive"):
+        sample(generator, 0)
+    with pytest.raises(ConditionError, match="not one the generator was trained on"):
+        sample(generator, 2, parent="pt-nope")
+    with pytest.raises(ZooError, match="not a vitzoo generator|not a generator"):
+        load_generator(sampled[0].path)
+
+
+def test_cli_sample_from_the_shipped_generator(tmp_path):
+    out = tmp_path / "samples"
+    run_cli("sample", "bundled", "n=4", f"out={out}", "target_acc=0.9", "threads=1")
+    zoo = Zoo.open(out)
+    assert len(zoo) == 4 and all(e.factors["target_acc"] == 0.9 for e in zoo)
+    again = run_cli("sample", "bundled", "n=4", f"out={out}", "target_acc=1.5", check=False)
+    assert again.returncode == 2 and "does not extrapolate" in again.stderr  # conditions are checked first
+    assert len(Zoo.open(out)) == 4
+
+
+def test_cli_trains_both_models_and_samples_and_probes_the_autoencoder(tmp_path):
+    diffusion = tmp_path / "diffusion"
+    run_cli("train", "bundled", "model=diffusion", "model.steps=4", "model.mixtures=12", "model.d_model=16",
+            "model.depth=1", "model.batch_size=8", f"out={diffusion}", "progress=false")  # fmt: skip
+    assert load_generator(diffusion / "generator.safetensors").basis.num_families == 20
+    autoencoder = tmp_path / "autoencoder"
+    run_cli("train", "bundled", "model=autoencoder", "model.steps=3", "model.batch_size=4", "model.d_model=16",
+            f"out={autoencoder}", "progress=false")  # fmt: skip
+    checkpoint = autoencoder / "autoencoder.safetensors"
+    run_cli("sample", str(checkpoint), "method=kde", "n=3", f"out={tmp_path / 'kde'}")
+    sampled = Zoo.open(tmp_path / "kde")
+    assert len(sampled) == 3 and all(e.factors["method"] == "kde" for e in sampled)
+    sampled[0].model()
+    wrong = run_cli("sample", str(checkpoint), "n=3", f"out={tmp_path / 'x'}", check=False)
+    assert wrong.returncode == 2 and "method=kde" in wrong.stderr
+    probe = run_cli("probe", str(checkpoint), "--out", str(tmp_path / "probe"))
+    assert "| test accuracy | R2 |" in probe.stdout and (tmp_path / "probe" / "results.json").exists()
+    bad = run_cli("train", "bundled", "model=autoencoder", "+model.bogus=1", f"out={tmp_path / 'y'}", check=False)
+    assert bad.returncode == 2 and "bogus" in bad.stderr

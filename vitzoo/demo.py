@@ -1,0 +1,244 @@
+"""`vitzoo demo`: the whole pipeline on one zoo, resumable by stage, into one report folder.
+
+Stages (each writes its outputs, then records itself in `<out>/stages.json`; a rerun skips recorded stages):
+
+1. tokenize   open the zoo, tokenize its fine-tunes, check one round trip bit for bit
+2. generator  copy the generator shipped beside the bundled zoo into `<out>/generator/` (or train it afresh:
+              `retrain=true`, the shipped one's config)
+3. sample     `n` unconditioned draws and `per_target` draws at each of `targets` accuracies into `<out>/samples/`
+              (the zoo format; every entry's `.factors` holds its method and condition)
+4. evaluate   samples vs the zoo's models it was trained on vs the baselines, with `finetune_epochs` of
+              fine-tuning (eval.compare), into `<out>/evaluation/`
+5. soups      the model-soup experiment on the zoo (eval.soups), into `<out>/soups/`
+6. report     `<out>/report.md`, `<out>/results.json` (the summary table's numbers) and the terminal table
+
+Same config and seed, same table (times aside).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from eval.compare import GAUSSIAN, NOISE, RANDOM, ZOO, compare, write_comparison
+from eval.finetune import FinetuneRecipe
+from eval.soups import write_soups
+from generative.diffusion import DiffusionConfig
+from generative.generator import load_generator, sample, train_generator
+from tokenizer.spec import TokenSpec
+from tokenizer.tokens import detokenize, tokenize_batch
+from zoo_builder.zoo import Zoo, ZooError, atomic_write_json, code_version, write_sampled
+
+STAGES = ("tokenize", "generator", "sample", "evaluate", "soups", "report")
+# rough seconds per stage on 2 CPU cores (bundled zoo), for the progress display's time left
+EXPECTED_SECONDS = {"tokenize": 5, "generator": 1, "sample": 20, "evaluate": 150, "soups": 60, "report": 2}
+RETRAIN_SECONDS = 280
+
+
+def run_demo(cfg, shipped_generator: Path, measure) -> dict:
+    """Run (or resume) every stage; returns the summary (also in results.json)."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    done_path = out / "stages.json"
+    done = json.loads(done_path.read_text()) if done_path.exists() else {}
+    if done and done.get("config") != _config_key(cfg):
+        raise ZooError(f"{out} holds a demo run with another config; choose another out=<dir>")
+    done["config"] = _config_key(cfg)
+    zoo = Zoo.open(cfg.path)
+    expected = dict(EXPECTED_SECONDS, generator=RETRAIN_SECONDS if cfg.retrain else 1)
+    started = time.perf_counter()
+    for index, stage in enumerate(STAGES):
+        if stage in done.get("seconds", {}):
+            continue
+        left = sum(expected[s] for s in STAGES[index:] if s not in done.get("seconds", {}))
+        print(f"[{index + 1}/{len(STAGES)}] {stage} (about {left // 60} min {left % 60} s left)", flush=True)
+        tic = time.perf_counter()
+        STAGE_FUNCTIONS[stage](cfg, zoo, out, shipped_generator, measure)
+        done.setdefault("seconds", {})[stage] = round(time.perf_counter() - tic, 1)
+        atomic_write_json(done_path, done)
+    summary = json.loads((out / "results.json").read_text())
+    summary["this_run_seconds"] = round(time.perf_counter() - started, 1)
+    return summary
+
+
+def _config_key(cfg) -> dict:
+    keys = ("path", "retrain", "n", "targets", "per_target", "finetune_epochs", "seed")
+    return {k: list(cfg[k]) if k == "targets" else cfg[k] for k in keys}
+
+
+def _tokenize(cfg, zoo: Zoo, out: Path, shipped, measure) -> None:
+    entries = list(zoo.filter(stage="finetune", epoch="last", head="linear"))
+    state_dicts = [e.state_dict() for e in entries]
+    spec = TokenSpec.from_state_dict(state_dicts[0], 25, zoo.architecture.kwargs.get("num_heads"))
+    tokens = tokenize_batch(state_dicts, spec).values  # [models, T, d]
+    back = detokenize(tokens[0], spec)
+    exact = all(torch.equal(back[k], state_dicts[0][k]) for k in state_dicts[0])
+    if not exact:
+        raise ZooError("tokenizer round trip is not exact")  # the tokenizer's tests make this unreachable
+    spec.save(out / "token_spec.json")
+    atomic_write_json(out / "tokens.json", {"models": len(entries), "tokens_per_model": spec.num_tokens,
+                                           "width": spec.width, "round_trip_exact": exact})  # fmt: skip
+
+
+def _generator(cfg, zoo: Zoo, out: Path, shipped: Path, measure) -> None:
+    target = out / "generator"
+    if cfg.retrain:
+        config = DiffusionConfig(**load_generator(shipped).config.to_dict()) if shipped.exists() else DiffusionConfig()
+        train_generator(zoo, target, config, measure, progress=cfg.progress)
+        return
+    if not shipped.exists():
+        raise ZooError(f"no shipped generator at {shipped}; run with retrain=true")
+    target.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(shipped, target / "generator.safetensors")
+    load_generator(target / "generator.safetensors", cfg.path)  # fails clearly if it was trained on another zoo
+
+
+def _sample(cfg, zoo: Zoo, out: Path, shipped, measure) -> None:
+    generator = load_generator(out / "generator" / "generator.safetensors", cfg.path)
+    samples, parents, info = sample(generator, cfg.n, cfg.seed)
+    for i, target in enumerate(cfg.targets):
+        drawn, drawn_parents, _ = sample(generator, cfg.per_target, cfg.seed + 1 + i, target_acc=target)
+        samples += drawn
+        parents += drawn_parents
+    if (out / "samples").exists():  # a sampling stage that was interrupted while writing
+        shutil.rmtree(out / "samples")
+    write_sampled(out / "samples", generator.basis.architecture, generator.basis.dataset, samples, parents)
+    atomic_write_json(out / "sampling.json", info)
+
+
+def _evaluate(cfg, zoo: Zoo, out: Path, shipped, measure) -> None:
+    samples = Zoo.open(out / "samples")
+    reference = zoo.filter(stage="finetune", epoch="last", head="linear")
+    recipe = FinetuneRecipe(epochs=cfg.finetune_epochs, seed=cfg.seed)
+    comparison = compare(samples, reference, seed=cfg.seed, finetune=recipe, progress=cfg.progress)
+    write_comparison(comparison, out / "evaluation")
+
+
+def _soups(cfg, zoo: Zoo, out: Path, shipped, measure) -> None:
+    write_soups(zoo, zoo.dataset, [2, 3], None, out / "soups", {"k": [2, 3]})
+
+
+def _report(cfg, zoo: Zoo, out: Path, shipped, measure) -> None:
+    comparison = json.loads((out / "evaluation" / "results.json").read_text())
+    soups = json.loads((out / "soups" / "results.json").read_text())
+    seconds = json.loads((out / "stages.json").read_text()).get("seconds", {})
+    rows = summary_rows(comparison, seconds)
+    gains = [s["gain"] for s in soups["epoch_soups"].get("2", [])]
+    soup_line = (
+        f"uniform soup of each fine-tune's last 2 epochs vs its last epoch: mean test gain "
+        f"{statistics.mean(gains):+.4f}, {sum(g > 0 for g in gains) / len(gains):.0%} of {len(gains)} models gain"
+        if gains else "no model keeps 2 checkpoints"
+    )  # fmt: skip
+    summary = {
+        "zoo": str(cfg.path),
+        "seed": cfg.seed,
+        "code_version": code_version(),
+        "rows": rows,
+        "soups": soup_line,
+        "stage_seconds": seconds,
+        "sampling": json.loads((out / "sampling.json").read_text()),
+    }
+    atomic_write_json(out / "results.json", summary)
+    lines = [
+        f"# vitzoo demo on {cfg.path}",
+        "",
+        f"Seed {cfg.seed}, code {code_version()}. Digits test split; the zoo row is the fine-tuned models the "
+        "generator was trained on (linear heads, last epoch).",
+        "",
+        *table(rows),
+        "",
+        COLUMN_NOTES,
+        "",
+        f"Samples: {summary['sampling']['redrawn_as_copies']} unconditioned draws were redrawn as copies. "
+        f"Soups: {soup_line} (details in soups/report.md).",
+        "",
+        "![accuracy](evaluation/accuracy.png)",
+        "",
+        "![novelty](evaluation/novelty.png)",
+        "",
+        "![fine-tuning](evaluation/finetune.png)",
+        "",
+        "Full comparison: evaluation/report.md; the sampled population: samples/ (zoo format).",
+        "",
+    ]
+    (out / "report.md").write_text("\n".join(lines))
+
+
+STAGE_FUNCTIONS = {
+    "tokenize": _tokenize,
+    "generator": _generator,
+    "sample": _sample,
+    "evaluate": _evaluate,
+    "soups": _soups,
+    "report": _report,
+}
+
+COLUMN_NOTES = """\
+n: models; mean/median/max: test accuracy; copies: share closer to a zoo model than the closest two zoo models are \
+to each other (weights compared after aligning heads and MLP units); NN distance: median L2 distance to the nearest \
+zoo model (for the zoo: to the nearest other one); time: seconds to generate and evaluate the population in this \
+run (the zoo row: evaluating it)."""
+
+
+def summary_rows(comparison: dict, seconds: dict) -> list[dict]:
+    """The demo's table: zoo, baselines, zero-shot samples, samples after fine-tuning, conditioned samples."""
+    by_name = {r["population"]: r for r in comparison["rows"]}
+    noise = next(name for name in by_name if name.startswith(NOISE) and "conditioned" not in name)
+    sampled = next(name for name in by_name if name not in (ZOO, RANDOM, GAUSSIAN) and not name.startswith(NOISE)
+                   and "conditioned" not in name)  # fmt: skip
+    conditioned = next((name for name in by_name if "conditioned" in name and not name.startswith(NOISE)), None)
+    names = [
+        (ZOO, "zoo (fine-tuned)"),
+        (RANDOM, "random init"),
+        (GAUSSIAN, "Gaussian baseline"),
+        (noise, "noise-around-zoo baseline"),
+        (sampled, "sampled zero-shot"),
+    ]
+    rows = [_row(label, by_name[name], name, seconds) for name, label in names if name in by_name]
+    tuned = [m["finetune"] for m in comparison["models"] if m["population"] == sampled and m.get("finetune")]
+    if tuned:
+        accuracies = [curve[-1] for curve in tuned]
+        rows.append({
+            "population": f"sampled after {len(tuned[0]) - 1} epoch fine-tuning",
+            "n": len(accuracies), "mean_acc": statistics.mean(accuracies),
+            "median_acc": statistics.median(accuracies), "max_acc": max(accuracies),
+            "copies": None, "median_nn_distance": None, "seconds": None,
+        })  # fmt: skip
+    if conditioned:
+        rows.append(_row("conditioned samples", by_name[conditioned], conditioned, seconds))
+    return rows
+
+
+def _row(label: str, row: dict, name: str, seconds: dict) -> dict:
+    extra = seconds.get("sample", 0) if name not in (ZOO, RANDOM, GAUSSIAN) and not name.startswith(NOISE) else 0
+    return {
+        "population": label,
+        "n": row["n"],
+        "mean_acc": row["mean_acc"],
+        "median_acc": row["median_acc"],
+        "max_acc": row["max_acc"],
+        "copies": row["copies"],
+        "median_nn_distance": row["median_nn_distance"],
+        "seconds": (row["seconds"] or 0) + extra,
+    }
+
+
+def table(rows: list[dict]) -> list[str]:
+    header = "| population | n | mean acc | median | max | copies | NN distance | time (s) |"
+    lines = [header, "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        cells = [
+            r["population"],
+            str(r["n"]),
+            *[f"{r[k]:.3f}" if r[k] is not None else "" for k in ("mean_acc", "median_acc", "max_acc")],
+            f"{r['copies']:.0%}" if r["copies"] is not None else "",
+            f"{r['median_nn_distance']:.2f}" if r["median_nn_distance"] is not None else "",
+            f"{r['seconds']:.0f}" if r["seconds"] is not None else "",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
