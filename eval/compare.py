@@ -3,8 +3,9 @@
 `compare(samples, reference)` evaluates, on one split, the reference zoo's models, every sampling method found
 in the samples (`.factors["method"]`, e.g. diffusion, kde; conditioned draws form their own population) and
 the baselines of `eval.baselines` built for the same head structures (random init, per-parameter Gaussian, each
-sample's nearest zoo model plus noise at the sample's own distance); measures novelty (`eval.novelty`) of every population against the zoo; and, with a
-fine-tuning recipe, the accuracy after 0..E epochs of fine-tuning of samples, random init and zoo models.
+sample's nearest zoo model plus noise at the sample's own distance); measures novelty (`eval.novelty`) of every
+population against the zoo; and, with a fine-tuning recipe, the accuracy after 0..E epochs of fine-tuning of
+samples, random init and zoo models.
 `write_comparison` writes results.json, report.md and the plots. Nothing here selects models, so the test
 split may be used; anything that selects uses validation (see eval.soups).
 """

@@ -16,16 +16,20 @@ dicts with their factors; conditions outside what was trained raise `ConditionEr
 from __future__ import annotations
 
 import hashlib
-import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 
+from generative.checkpoint import (
+    load_training_state,
+    open_checkpoint,
+    save_training_state,
+    update_ema,
+    write_checkpoint,
+)
 from generative.diffusion import (
     CoordinateDenoiser,
     DiffusionConfig,
@@ -34,7 +38,7 @@ from generative.diffusion import (
     schedulers,
 )
 from generative.family import FamilyBasis
-from zoo_builder.zoo import Zoo, ZooError, atomic_write_bytes
+from zoo_builder.zoo import Zoo, ZooError
 
 FORMAT = "vitzoo-generator-1"
 StateDict = dict[str, torch.Tensor]
@@ -123,24 +127,18 @@ def train_generator(
     out.mkdir(parents=True, exist_ok=True)
     basis = FamilyBasis(zoo, head)
     state_path = out / "train_state.safetensors"
+    torch.manual_seed(config.seed)
     model = CoordinateDenoiser(basis.num_slots, basis.num_families, config)
     ema = CoordinateDenoiser(basis.num_slots, basis.num_families, config)
+    ema.load_state_dict(model.state_dict())
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
     start = 0
     if state_path.exists():
-        saved, metadata = _read(state_path)
-        if metadata.get("config") != config.to_dict() or metadata.get("basis") != basis.describe():
-            raise ZooError(f"{state_path} was written by another config or zoo; use another out=<dir>")
-        data = TrainingSet(saved["data.coordinates"], saved["data.family"], saved["data.accuracy"], saved["data.slot"])
-        model.load_state_dict({k[6:]: v for k, v in saved.items() if k.startswith("model.")})
-        ema.load_state_dict({k[4:]: v for k, v in saved.items() if k.startswith("ema.")})
-        optimizer.load_state_dict(_optimizer_state(saved, optimizer))
+        expected = {"config": config.to_dict(), "basis": basis.describe()}
+        metadata, saved = load_training_state(state_path, model, ema, optimizer, expected)
+        data = TrainingSet(saved["coordinates"], saved["family"], saved["accuracy"], saved["slot"])
         start = int(metadata["step"])
     else:
-        torch.manual_seed(config.seed)
-        model = CoordinateDenoiser(basis.num_slots, basis.num_families, config)
-        ema.load_state_dict(model.state_dict())
-        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
         data = training_set(basis, config, measure, progress)
     stats = _standardise(data) | {"copy_threshold": basis.min_pairwise_distance()}
     x0 = (data.coordinates - torch.tensor(stats["coordinate_mean"])) / torch.tensor(stats["coordinate_std"])
@@ -157,77 +155,24 @@ def train_generator(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        with torch.no_grad():
-            for e, p in zip(ema.parameters(), model.parameters()):
-                e.lerp_(p, 1 - config.ema)
+        update_ema(ema, model, config.ema)
         bar.update(1)
         if log is not None and (step % 50 == 0 or step == config.steps - 1):
             log({"step": step, "diffusion/loss": loss.item()})
         if (step + 1) % save_every == 0 or step + 1 == config.steps:
-            _write_state(state_path, model, ema, optimizer, data, step + 1, config, basis)
+            metadata = {"step": step + 1, "config": config.to_dict(), "basis": basis.describe()}
+            save_training_state(state_path, model, ema, optimizer, metadata, vars(data))
     bar.close()
     metadata = {"format": FORMAT, "config": config.to_dict(), "basis": basis.describe(), "stats": stats,
                 "architecture": basis.architecture.to_dict()}  # fmt: skip
-    data_bytes = save_safetensors({k: v.contiguous() for k, v in ema.state_dict().items()},
-                                  {"vitzoo": json.dumps(metadata, sort_keys=True)})  # fmt: skip
-    atomic_write_bytes(out / "generator.safetensors", data_bytes)
+    write_checkpoint(out / "generator.safetensors", ema.state_dict(), metadata)
     return out / "generator.safetensors"
-
-
-def _write_state(path, model, ema, optimizer, data: TrainingSet, step, config, basis) -> None:
-    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-    tensors |= {f"ema.{k}": v for k, v in ema.state_dict().items()}
-    for index, state in optimizer.state_dict()["state"].items():
-        tensors |= {f"optim.{index}.{k}": torch.as_tensor(v) for k, v in state.items()}
-    tensors |= {"data.coordinates": data.coordinates, "data.family": data.family, "data.accuracy": data.accuracy,
-                "data.slot": data.slot}  # fmt: skip
-    metadata = {"step": step, "config": config.to_dict(), "basis": basis.describe()}
-    blob = save_safetensors({k: v.contiguous() for k, v in tensors.items()}, {"vitzoo": json.dumps(metadata)})
-    atomic_write_bytes(path, blob)
-
-
-def _optimizer_state(saved: dict, optimizer: torch.optim.Optimizer) -> dict:
-    state = optimizer.state_dict()
-    for key, value in saved.items():
-        if key.startswith("optim."):
-            index, name = key[len("optim.") :].split(".", 1)
-            state["state"].setdefault(int(index), {})[name] = value
-    return state
-
-
-def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    blob = path.read_bytes()
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as handle:
-        metadata = json.loads((handle.metadata() or {}).get("vitzoo", "{}"))
-    return load_safetensors(blob), metadata
-
-
-# ------------------------------------------------------------------------------------------------ loading
-
-
-def checkpoint_format(path: str | Path) -> str | None:
-    """The `format` a vitzoo checkpoint records (generator or autoencoder), None for anything else."""
-    try:
-        return _read(Path(path))[1].get("format")
-    except Exception:  # not a file, not safetensors, no metadata: not ours
-        return None
 
 
 def load_generator(path: str | Path, zoo: str | None = None) -> Generator:
     """A generator checkpoint and the basis it decodes into (rebuilt from its zoo and checked run by run)."""
     path = Path(path)
-    if not path.is_file():
-        raise ZooError(f"no generator checkpoint at {path}")
-    try:
-        weights, metadata = _read(path)
-    except Exception as error:  # safetensors raises several types for a foreign or truncated file
-        raise ZooError(f"{path} is not a generator checkpoint: {error}") from error
-    if metadata.get("format") != FORMAT:
-        raise ZooError(f"{path} is not a vitzoo generator checkpoint (format {metadata.get('format')!r})")
-    names = {f.name for f in fields(DiffusionConfig)}
-    config = DiffusionConfig(**{k: v for k, v in metadata["config"].items() if k in names})
+    weights, metadata, config = open_checkpoint(path, FORMAT, DiffusionConfig)
     recorded = metadata["basis"]
     basis = FamilyBasis(Zoo.open(zoo or recorded["zoo"]), recorded["head"])
     if basis.describe() | {"zoo": recorded["zoo"]} != recorded:

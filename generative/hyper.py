@@ -17,22 +17,27 @@ Shapes: n checkpoints, B batch, T tokens, d token width, k latent width, e embed
 from __future__ import annotations
 
 import hashlib
-import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import save as save_safetensors
 
 from generative.autoencoder import AutoencoderConfig, HyperAutoencoder, mask_tokens
+from generative.checkpoint import (
+    load_training_state,
+    open_checkpoint,
+    save_training_state,
+    update_ema,
+    write_checkpoint,
+)
 from generative.data import DeltaSet
-from generative.generator import ConditionError, _read
+from generative.generator import ConditionError
 from tokenizer.normalize import Normalizer
 from tokenizer.spec import TokenSpec
 from tokenizer.symmetries import permutable_layers, random_permutation
 from tokenizer.tokens import detokenize, tokenize
-from zoo_builder.zoo import Zoo, ZooError, atomic_write_bytes
+from zoo_builder.zoo import Zoo, ZooError
 
 FORMAT = "vitzoo-autoencoder-1"
 StateDict = dict[str, torch.Tensor]
@@ -94,18 +99,8 @@ def train_autoencoder(
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
     start = 0
     if state_path.exists():
-        saved, metadata = _read(state_path)
-        if metadata.get("config") != config.to_dict() or metadata.get("data") != describe(data):
-            raise ZooError(f"{state_path} was written by another config or zoo; use another out=<dir>")
-        model.load_state_dict({k[6:]: v for k, v in saved.items() if k.startswith("model.")})
-        ema.load_state_dict({k[4:]: v for k, v in saved.items() if k.startswith("ema.")})
-        state = optimizer.state_dict()
-        for key, value in saved.items():
-            if key.startswith("optim."):
-                index, name = key[len("optim.") :].split(".", 1)
-                state["state"].setdefault(int(index), {})[name] = value
-        optimizer.load_state_dict(state)
-        start = int(metadata["step"])
+        expected = {"config": config.to_dict(), "data": describe(data)}
+        start = int(load_training_state(state_path, model, ema, optimizer, expected)[0]["step"])
     from tqdm.auto import tqdm
 
     bar = tqdm(total=config.steps, initial=start, desc="train autoencoder", disable=not progress)
@@ -117,21 +112,14 @@ def train_autoencoder(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        with torch.no_grad():
-            for e, p in zip(ema.parameters(), model.parameters()):
-                e.lerp_(p, 1 - config.ema)
+        update_ema(ema, model, config.ema)
         bar.update(1)
         bar.set_postfix(reconstruction=f"{logs['reconstruction']:.3f}")
         if log is not None and (step % 25 == 0 or step == config.steps - 1):
             log({"step": step, **{f"autoencoder/{k}": v for k, v in logs.items()}})
         if (step + 1) % save_every == 0 or step + 1 == config.steps:
-            tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-            tensors |= {f"ema.{k}": v for k, v in ema.state_dict().items()}
-            for index, p_state in optimizer.state_dict()["state"].items():
-                tensors |= {f"optim.{index}.{k}": torch.as_tensor(v) for k, v in p_state.items()}
             metadata = {"step": step + 1, "config": config.to_dict(), "data": describe(data)}
-            blob = save_safetensors({k: v.contiguous() for k, v in tensors.items()}, {"vitzoo": json.dumps(metadata)})
-            atomic_write_bytes(state_path, blob)
+            save_training_state(state_path, model, ema, optimizer, metadata)
     bar.close()
     metadata = {
         "format": FORMAT,
@@ -140,25 +128,14 @@ def train_autoencoder(
         "normalizer": {"mode": data.normalizer.mode, "mean": data.normalizer.mean, "std": data.normalizer.std},
         "data": describe(data),
     }
-    blob = save_safetensors({k: v.contiguous() for k, v in ema.state_dict().items()},
-                            {"vitzoo": json.dumps(metadata, sort_keys=True)})  # fmt: skip
-    atomic_write_bytes(out / "autoencoder.safetensors", blob)
+    write_checkpoint(out / "autoencoder.safetensors", ema.state_dict(), metadata)
     return out / "autoencoder.safetensors"
 
 
 def load_autoencoder(path: str | Path, zoo: str | None = None) -> AutoencoderBundle:
     """An autoencoder checkpoint and its training data, rebuilt from its zoo and checked checkpoint by checkpoint."""
     path = Path(path)
-    if not path.is_file():
-        raise ZooError(f"no autoencoder checkpoint at {path}")
-    try:
-        weights, metadata = _read(path)
-    except Exception as error:  # safetensors raises several types for a foreign or truncated file
-        raise ZooError(f"{path} is not an autoencoder checkpoint: {error}") from error
-    if metadata.get("format") != FORMAT:
-        raise ZooError(f"{path} is not a vitzoo autoencoder checkpoint (format {metadata.get('format')!r})")
-    names = {f.name for f in fields(AutoencoderConfig)}
-    config = AutoencoderConfig(**{k: v for k, v in metadata["config"].items() if k in names})
+    weights, metadata, config = open_checkpoint(path, FORMAT, AutoencoderConfig)
     recorded = metadata["data"]
     spec = TokenSpec.from_dict(metadata["spec"])
     normalizer = Normalizer(**metadata["normalizer"])

@@ -370,7 +370,8 @@ def demo_task(cfg) -> None:
 def sample_task(cfg) -> None:
     import torch
 
-    from generative.generator import ConditionError, checkpoint_format, load_generator, sample
+    from generative.checkpoint import checkpoint_format
+    from generative.generator import ConditionError, load_generator, sample
     from generative.hyper import FORMAT as AUTOENCODER_FORMAT
     from generative.hyper import load_autoencoder, sample_kde
     from zoo_builder.zoo import Zoo, ZooError, write_sampled

@@ -28,6 +28,7 @@ import torch
 from eval.compare import GAUSSIAN, NOISE, RANDOM, ZOO, compare, write_comparison
 from eval.finetune import FinetuneRecipe
 from eval.soups import write_soups
+from generative.checkpoint import read_checkpoint
 from generative.diffusion import DiffusionConfig
 from generative.generator import load_generator, sample, train_generator
 from tokenizer.spec import TokenSpec
@@ -88,7 +89,7 @@ def _tokenize(cfg, zoo: Zoo, out: Path, shipped, measure) -> None:
 def _generator(cfg, zoo: Zoo, out: Path, shipped: Path, measure) -> None:
     target = out / "generator"
     if cfg.retrain:
-        config = DiffusionConfig(**load_generator(shipped).config.to_dict()) if shipped.exists() else DiffusionConfig()
+        config = DiffusionConfig(**read_checkpoint(shipped)[1]["config"]) if shipped.exists() else DiffusionConfig()
         train_generator(zoo, target, config, measure, progress=cfg.progress)
         return
     if not shipped.exists():

@@ -1,0 +1,98 @@
+"""Checkpoint files of the generative models: safetensors with the metadata as JSON under one `vitzoo` key.
+
+Two kinds per model: the final checkpoint (EMA weights; metadata with `format`, the config and what the model
+decodes into) and the training state (model, EMA, optimizer state, step, extra tensors such as a measured training
+set), written atomically every few steps so that a rerun continues where a killed run stopped.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from torch import nn
+
+from zoo_builder.zoo import ZooError, atomic_write_bytes
+
+
+def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors of a vitzoo checkpoint and the JSON metadata it records under the `vitzoo` key."""
+    blob = Path(path).read_bytes()
+    with safe_open(str(path), "pt") as handle:
+        metadata = json.loads((handle.metadata() or {}).get("vitzoo", "{}"))
+    return load_safetensors(blob), metadata
+
+
+def write_checkpoint(path: Path, tensors: dict[str, torch.Tensor], metadata: dict) -> None:
+    blob = save_safetensors({k: v.contiguous() for k, v in tensors.items()},
+                            {"vitzoo": json.dumps(metadata, sort_keys=True)})  # fmt: skip
+    atomic_write_bytes(path, blob)
+
+
+def checkpoint_format(path: str | Path) -> str | None:
+    """The `format` a vitzoo checkpoint records (generator or autoencoder), None for anything else."""
+    try:
+        return read_checkpoint(Path(path))[1].get("format")
+    except Exception:  # not a file, not safetensors, no metadata: not ours
+        return None
+
+
+def open_checkpoint(path: str | Path, expected_format: str, config_class) -> tuple[dict, dict, object]:
+    """Weights, metadata and config of a final checkpoint of `expected_format`, or a ZooError saying why not."""
+    path = Path(path)
+    if not path.is_file():
+        raise ZooError(f"no checkpoint at {path}")
+    try:
+        weights, metadata = read_checkpoint(path)
+    except Exception as error:  # safetensors raises several types for a foreign or truncated file
+        raise ZooError(f"{path} is not a vitzoo checkpoint: {error}") from error
+    if metadata.get("format") != expected_format:
+        raise ZooError(f"{path} is not a {expected_format} checkpoint (it records format {metadata.get('format')!r})")
+    names = {f.name for f in fields(config_class)}
+    return weights, metadata, config_class(**{k: v for k, v in metadata["config"].items() if k in names})
+
+
+def save_training_state(
+    path: Path,
+    model: nn.Module,
+    ema: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    metadata: dict,
+    extra: dict[str, torch.Tensor] | None = None,
+) -> None:
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors |= {f"ema.{k}": v for k, v in ema.state_dict().items()}
+    for index, state in optimizer.state_dict()["state"].items():
+        tensors |= {f"optim.{index}.{k}": torch.as_tensor(v) for k, v in state.items()}
+    tensors |= {f"extra.{k}": v for k, v in (extra or {}).items()}
+    write_checkpoint(path, tensors, metadata)
+
+
+def load_training_state(
+    path: Path, model: nn.Module, ema: nn.Module, optimizer: torch.optim.Optimizer, expected: dict
+) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Restore model, EMA and optimizer in place; returns the metadata and the extra tensors. The state must
+    have been written with the `expected` metadata values (the same config and data), else ZooError."""
+    saved, metadata = read_checkpoint(path)
+    if any(metadata.get(key) != value for key, value in expected.items()):
+        raise ZooError(f"{path} was written by another config or zoo; use another out=<dir>")
+    model.load_state_dict({k[len("model.") :]: v for k, v in saved.items() if k.startswith("model.")})
+    ema.load_state_dict({k[len("ema.") :]: v for k, v in saved.items() if k.startswith("ema.")})
+    state = optimizer.state_dict()
+    for key, value in saved.items():
+        if key.startswith("optim."):
+            index, name = key[len("optim.") :].split(".", 1)
+            state["state"].setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict(state)
+    return metadata, {k[len("extra.") :]: v for k, v in saved.items() if k.startswith("extra.")}
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p, 1 - decay)
