@@ -34,8 +34,9 @@ def gaussian(references: list[StateDict], n: int, seed: int) -> list[StateDict]:
     if len(references) < 2:
         raise ValueError("a per-parameter Gaussian needs at least two reference models")
     generator = torch.Generator().manual_seed(seed)
-    mean = {k: torch.stack([sd[k].double() for sd in references]).mean(0) for k in references[0]}
-    std = {k: torch.stack([sd[k].double() for sd in references]).std(0) for k in references[0]}
+    keys = sorted(references[0])  # a loaded state dict's key order varies between processes: draw in a fixed one
+    mean = {k: torch.stack([sd[k].double() for sd in references]).mean(0) for k in keys}
+    std = {k: torch.stack([sd[k].double() for sd in references]).std(0) for k in keys}
     return [
         {k: (mean[k] + std[k] * torch.randn(mean[k].shape, generator=generator, dtype=torch.float64)).float()
          for k in mean}

@@ -70,6 +70,9 @@ def test_baselines(fine_tunes):
     drawn = torch.stack([sd["head.bias"] for sd in draws])
     assert torch.allclose(drawn.mean(0), fitted.mean(0), atol=4 * fitted.std(0).max() / 20)
     assert torch.allclose(drawn.std(0), fitted.std(0), rtol=0.25)
+    reordered = [dict(reversed(list(sd.items()))) for sd in fine_tunes]  # key order differs between processes
+    again = gaussian(reordered, 2, seed=0)
+    assert all(torch.equal(again[i][k], draws[i][k]) for i in range(2) for k in draws[0])
     zoo = Zoo.open("bundled")
     first, second = random_init(zoo.architecture, zoo[-1].head, 2, seed=0)
     assert first.keys() == fine_tunes[0].keys() and not torch.equal(first["head.weight"], second["head.weight"])
