@@ -80,16 +80,12 @@ def compare(
     for member, row in zip(zoo_ok, novelty.rows):
         member["novelty"] = row | {"nearest": zoo_ok[row["nearest"]]["name"]}
     sampled = [name for name in populations if name != ZOO]
+    _measure_novelty(populations, sampled, zoo_ok, novelty)
     if baselines and sampled:
         built = _baselines(populations, sampled, zoo_ok, novelty, samples, seed)
         populations.update(built)
         run(list(built))
-        sampled += list(built)
-    for name in sampled:
-        ok = [m for m in populations[name] if m["error"] is None]
-        predictions = torch.stack([m["predictions"] for m in ok]) if ok else None
-        for member, row in zip(ok, novelty.against([m["state_dict"] for m in ok], predictions)):
-            member["novelty"] = row | {"nearest": zoo_ok[row["nearest"]]["name"]}
+        _measure_novelty(populations, list(built), zoo_ok, novelty)
     if finetune is not None and finetune.epochs > 0:
         tuned = [name for name in populations if name in (ZOO, RANDOM) or name in samples_methods(samples)]
         pairs = [(m["name"], m["state_dict"]) for name in tuned for m in populations[name] if m["error"] is None]
@@ -144,6 +140,15 @@ def _members(zoo: Zoo, population: str | None) -> list[dict]:
     return members
 
 
+def _measure_novelty(populations: dict, names: list[str], zoo_ok: list[dict], novelty: NoveltyReference) -> None:
+    """Set `member["novelty"]` (nearest zoo model by name) for every evaluated member of the named populations."""
+    for name in names:
+        ok = [m for m in populations[name] if m["error"] is None]
+        predictions = torch.stack([m["predictions"] for m in ok]) if ok else None
+        for member, row in zip(ok, novelty.against([m["state_dict"] for m in ok], predictions)):
+            member["novelty"] = row | {"nearest": zoo_ok[row["nearest"]]["name"]}
+
+
 def _baselines(populations, sampled, zoo_ok, novelty, samples: Zoo, seed: int) -> dict[str, list[dict]]:
     """Random init and Gaussian with the first method's head structures, and zoo + noise per method."""
     first = [m for m in populations[sampled[0]] if m["error"] is None]
@@ -161,9 +166,9 @@ def _baselines(populations, sampled, zoo_ok, novelty, samples: Zoo, seed: int) -
             built[GAUSSIAN].append({"population": GAUSSIAN, "name": f"gaussian-{i:05d}", "state_dict": state_dict,
                                     "head": dict(key)})  # fmt: skip
     for name in sampled:
-        ok = [m for m in populations[name] if m["error"] is None]
-        rows = novelty.against([m["state_dict"] for m in ok])
-        anchors = [zoo_ok[r["nearest"]] for r in rows]
+        rows = [m["novelty"] for m in populations[name] if "novelty" in m]  # measured once, by _measure_novelty
+        by_name = {m["name"]: m for m in zoo_ok}
+        anchors = [by_name[r["nearest"]] for r in rows]
         distances = [r["aligned_distance"] if r["aligned_distance"] is not None else r["distance"] for r in rows]
         noisy = noise_around([a["state_dict"] for a in anchors], distances, novelty.keys, seed + 2)
         label = NOISE if len(sampled) == 1 else f"{NOISE} ({name})"

@@ -21,8 +21,6 @@ from eval.evaluation import evaluate
 from generative.generator import load_generator, sample
 from zoo_builder.zoo import atomic_write_json, code_version
 
-BUNDLED_GENERATOR = Path(__file__).resolve().parent.parent / "generative" / "bundled" / "generator.safetensors"
-
 
 def conditioning(
     generator_path: str | Path,
@@ -33,7 +31,7 @@ def conditioning(
     seed: int = 0,
     split: str = "test",
 ) -> dict:
-    generator = load_generator(BUNDLED_GENERATOR if str(generator_path) == "bundled" else generator_path)
+    generator = load_generator(generator_path)
     stats, basis = generator.stats, generator.basis
     num_heads = basis.architecture.kwargs.get("num_heads")
     if targets is None:

@@ -118,14 +118,6 @@ class HyperAutoencoder(nn.Module):
         }
 
 
-def mask_tokens(tokens: torch.Tensor, fraction: float, generator: torch.Generator) -> torch.Tensor:
-    """Zero a random `fraction` of the tokens of every model [B, T, d]."""
-    if fraction <= 0:
-        return tokens
-    keep = torch.rand(tokens.shape[:2], generator=generator) >= fraction  # [B, T]
-    return tokens * keep[..., None].to(tokens.dtype)
-
-
 def reconstruction_error(model: HyperAutoencoder, tokens: torch.Tensor, batch: int = 64) -> torch.Tensor:
     """Per-model MSE of encode -> decode, no augmentation [n]."""
     errors = []

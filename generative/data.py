@@ -28,7 +28,7 @@ from tokenizer.spec import TokenSpec
 from tokenizer.tokens import detokenize, tokenize_batch
 from zoo_builder.blueprint import Factors, Run
 from zoo_builder.build import initial_state
-from zoo_builder.zoo import BUNDLED, Zoo
+from zoo_builder.zoo import BUNDLED, Zoo, ZooEntry
 
 StateDict = dict[str, torch.Tensor]
 TOKEN_WIDTH = 25  # the bundled ViT's rows (24 weights + bias) fit one token exactly
@@ -37,6 +37,17 @@ TOKEN_WIDTH = 25  # the bundled ViT's rows (24 weights + bias) fit one token exa
 def family_key(factors: dict, parent_id: str) -> tuple:
     """Models with equal keys start from identical weights."""
     return (parent_id, factors["head"], factors["head_hidden"], factors["seed"], factors["init"])
+
+
+def family_start(entry: ZooEntry, parents: dict[str, StateDict]) -> StateDict:
+    """The exact weights a fine-tune started from: its parent's body with the head its seed drew."""
+    run = Run(entry.model_id, "finetune", Factors(**entry.factors), entry.parent_id)
+    return initial_state(run, entry.architecture, parents[entry.parent_id])
+
+
+def parent_states(zoo: Zoo, parent_ids) -> dict[str, StateDict]:
+    """The final weights of each listed parent."""
+    return {pid: zoo.filter(model_id=pid, epoch="last")[0].state_dict() for pid in parent_ids}
 
 
 @dataclass
@@ -72,17 +83,16 @@ class DeltaSet:
         self.entries = entries
         parent_ids = sorted({e.parent_id for e in entries})
         self.parents = parent_ids
-        parent_states = {pid: Zoo.filter(zoo, model_id=pid, epoch="last")[0].state_dict() for pid in parent_ids}
+        parents = parent_states(zoo, parent_ids)
         self.families: list[tuple] = []
         self.inits: list[StateDict] = []
         family_of = {}
         for entry in entries:
             key = family_key(entry.factors, entry.parent_id)
             if key not in family_of:
-                run = Run(entry.model_id, "finetune", Factors(**entry.factors), entry.parent_id)
                 family_of[key] = len(self.families)
                 self.families.append(key)
-                self.inits.append(initial_state(run, self.architecture, parent_states[entry.parent_id]))
+                self.inits.append(family_start(entry, parents))
         deltas = []
         self.conditions: list[Condition] = []
         for entry in entries:

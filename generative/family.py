@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from generative.data import family_key
-from zoo_builder.blueprint import Factors, Run
-from zoo_builder.build import initial_state
+from generative.data import family_key, family_start, parent_states
 from zoo_builder.zoo import BUNDLED, Zoo, ZooEntry
 
 StateDict = dict[str, torch.Tensor]
@@ -43,14 +41,12 @@ class FamilyBasis:
         self.skipped = len(grouped) - len(complete)
         self.families: list[tuple] = sorted(complete)
         self.members: list[list[ZooEntry]] = [[complete[key][slot] for slot in self.slots] for key in self.families]
-        parents = {key[0]: zoo.filter(model_id=key[0], epoch="last")[0].state_dict() for key in self.families}
+        parents = parent_states(zoo, {key[0] for key in self.families})
         self.inits: list[StateDict] = []
         self.deltas: list[StateDict] = []  # per family: tensors [K, *shape] (float64)
         gram = []
         for members in self.members:
-            first = members[0]
-            run = Run(first.model_id, "finetune", Factors(**first.factors), first.parent_id)
-            init = initial_state(run, self.architecture, parents[first.parent_id])
+            init = family_start(members[0], parents)
             weights = [m.state_dict() for m in members]
             delta = {k: torch.stack([w[k].double() - init[k].double() for w in weights]) for k in init}
             flat = torch.cat([v.flatten(1) for v in delta.values()], dim=1)  # [K, P]

@@ -41,6 +41,7 @@ from generative.family import FamilyBasis
 from zoo_builder.zoo import Zoo, ZooError
 
 FORMAT = "vitzoo-generator-1"
+BUNDLED_GENERATOR = Path(__file__).resolve().parent / "bundled" / "generator.safetensors"  # `vitzoo sample bundled`
 StateDict = dict[str, torch.Tensor]
 Measure = Callable[[list[StateDict]], list[float]]  # validation accuracy of each state dict
 
@@ -170,8 +171,9 @@ def train_generator(
 
 
 def load_generator(path: str | Path, zoo: str | None = None) -> Generator:
-    """A generator checkpoint and the basis it decodes into (rebuilt from its zoo and checked run by run)."""
-    path = Path(path)
+    """A generator checkpoint and the basis it decodes into (rebuilt from its zoo and checked run by run);
+    `"bundled"` is the generator shipped beside the bundled zoo."""
+    path = BUNDLED_GENERATOR if str(path) == "bundled" else Path(path)
     weights, metadata, config = open_checkpoint(path, FORMAT, DiffusionConfig)
     recorded = metadata["basis"]
     basis = FamilyBasis(Zoo.open(zoo or recorded["zoo"]), recorded["head"])

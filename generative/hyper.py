@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from generative.autoencoder import AutoencoderConfig, HyperAutoencoder, mask_tokens
+from generative.autoencoder import AutoencoderConfig, HyperAutoencoder
 from generative.checkpoint import (
     load_training_state,
     open_checkpoint,
@@ -33,6 +33,7 @@ from generative.checkpoint import (
 )
 from generative.data import DeltaSet
 from generative.generator import ConditionError
+from tokenizer.dataset import mask_tokens
 from tokenizer.normalize import Normalizer
 from tokenizer.spec import TokenSpec
 from tokenizer.symmetries import permutable_layers, random_permutation

@@ -98,15 +98,20 @@ class TokenDataset(Dataset):
         values, mask = values[start:end], self.spec.mask()[start:end]
         if aug.noise > 0:
             values = values + aug.noise * torch.randn(values.shape, generator=generator) * mask
-        if aug.mask_fraction > 0:
-            dropped = torch.rand(len(values), generator=generator) < aug.mask_fraction
-            values = values.masked_fill(dropped[:, None], 0.0)
-        return values
+        return mask_tokens(values, aug.mask_fraction, generator)
 
     def _random_permutation(self, state_dict: dict, generator: torch.Generator) -> dict:
         if self._layers is None:  # the structure is the same for every checkpoint: find it once
             self._layers = permutable_layers(state_dict, self.num_heads)
         return random_permutation(state_dict, generator=generator, layers=self._layers)
+
+
+def mask_tokens(tokens: torch.Tensor, fraction: float, generator: torch.Generator) -> torch.Tensor:
+    """Zero a random `fraction` of the tokens [..., T, d] (each token drawn independently)."""
+    if fraction <= 0:
+        return tokens
+    dropped = torch.rand(tokens.shape[:-1], generator=generator) < fraction
+    return tokens.masked_fill(dropped[..., None], 0.0)
 
 
 def collate(items: list[dict]) -> dict:

@@ -14,7 +14,6 @@ from pathlib import Path
 import configs
 
 CONFIG_DIR = str(Path(configs.__file__).resolve().parent)
-BUNDLED_GENERATOR = Path(__file__).resolve().parent.parent / "generative" / "bundled" / "generator.safetensors"
 
 COMMANDS = {
     "demo": "the whole pipeline on the bundled zoo into one report (vitzoo demo [<zoo>] [out=<dir>])",
@@ -359,6 +358,8 @@ def demo_task(cfg) -> None:
     try:
         zoo = Zoo.open(cfg.path)
         measure = measure_on(zoo.dataset, "val", zoo.architecture.kwargs.get("num_heads"), None)
+        from generative.generator import BUNDLED_GENERATOR
+
         summary = run_demo(cfg, BUNDLED_GENERATOR, measure)
     except (ZooError, DatasetError, ValueError) as error:
         fail("demo", str(error))
@@ -371,14 +372,14 @@ def sample_task(cfg) -> None:
     import torch
 
     from generative.checkpoint import checkpoint_format
-    from generative.generator import ConditionError, load_generator, sample
+    from generative.generator import BUNDLED_GENERATOR, ConditionError, load_generator, sample
     from generative.hyper import FORMAT as AUTOENCODER_FORMAT
     from generative.hyper import load_autoencoder, sample_kde
     from zoo_builder.zoo import Zoo, ZooError, write_sampled
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    path = BUNDLED_GENERATOR if cfg.path == "bundled" else cfg.path
+    path = BUNDLED_GENERATOR if cfg.path == "bundled" else cfg.path  # read its format before loading
     try:
         if checkpoint_format(path) == AUTOENCODER_FORMAT:
             if cfg.method != "kde":

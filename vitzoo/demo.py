@@ -29,6 +29,7 @@ from eval.compare import GAUSSIAN, NOISE, RANDOM, ZOO, compare, write_comparison
 from eval.finetune import FinetuneRecipe
 from eval.soups import write_soups
 from generative.checkpoint import read_checkpoint
+from generative.data import TOKEN_WIDTH
 from generative.diffusion import DiffusionConfig
 from generative.generator import load_generator, sample, train_generator
 from tokenizer.spec import TokenSpec
@@ -75,7 +76,7 @@ def _config_key(cfg) -> dict:
 def _tokenize(cfg, zoo: Zoo, out: Path, shipped, measure) -> None:
     entries = list(zoo.filter(stage="finetune", epoch="last", head="linear"))
     state_dicts = [e.state_dict() for e in entries]
-    spec = TokenSpec.from_state_dict(state_dicts[0], 25, zoo.architecture.kwargs.get("num_heads"))
+    spec = TokenSpec.from_state_dict(state_dicts[0], TOKEN_WIDTH, zoo.architecture.kwargs.get("num_heads"))
     tokens = tokenize_batch(state_dicts, spec).values  # [models, T, d]
     back = detokenize(tokens[0], spec)
     exact = all(torch.equal(back[k], state_dicts[0][k]) for k in state_dicts[0])
