@@ -39,15 +39,39 @@ def family_key(factors: dict, parent_id: str) -> tuple:
     return (parent_id, factors["head"], factors["head_hidden"], factors["seed"], factors["init"])
 
 
-def family_start(entry: ZooEntry, parents: dict[str, StateDict]) -> StateDict:
-    """The exact weights a fine-tune started from: its parent's body with the head its seed drew."""
+def family_start(zoo: Zoo, entry: ZooEntry, parents: dict[str, StateDict]) -> StateDict:
+    """The exact weights a fine-tune started from. When the zoo kept the run's epoch-0 checkpoint (its
+    initialisation; imported zoos do), that is it. Otherwise the zoo builder's own draw is rebuilt: the
+    parent's body with the head the run's seed drew. An imported run without epoch 0 has no known start."""
+    initial = zoo.filter(model_id=entry.model_id, epoch=0)
+    if len(initial):
+        return initial[0].state_dict()
+    if "source" in zoo.records[entry.model_id]:  # imported: its head was drawn by someone else's code
+        raise ValueError(
+            f"{entry.model_id} was imported without its initialisation (checkpoint_0), so the weights its "
+            "fine-tuning started from are unknown; generators model fine-tunes as deltas from that start"
+        )
     run = Run(entry.model_id, "finetune", Factors(**entry.factors), entry.parent_id)
     return initial_state(run, entry.architecture, parents[entry.parent_id])
 
 
-def parent_states(zoo: Zoo, parent_ids) -> dict[str, StateDict]:
-    """The final weights of each listed parent."""
-    return {pid: zoo.filter(model_id=pid, epoch="last")[0].state_dict() for pid in parent_ids}
+def parent_states(zoo: Zoo, fine_tunes) -> dict[str, StateDict]:
+    """The weights each listed fine-tune's parent had when fine-tuning started: its checkpoint at the
+    recorded `parent_epoch`, else its last one (one epoch per parent: the families assume it)."""
+    epochs: dict[str, int | str] = {}
+    for entry in fine_tunes:
+        epoch = zoo.records[entry.model_id].get("parent_epoch", "last")
+        if epochs.setdefault(entry.parent_id, epoch) != epoch:
+            raise ValueError(
+                f"fine-tunes of {entry.parent_id} start from different epochs of it: {epochs[entry.parent_id]}, {epoch}"
+            )
+    states = {}
+    for parent_id, epoch in epochs.items():
+        found = zoo.filter(model_id=parent_id, epoch=epoch)
+        if not len(found):
+            raise ValueError(f"the parent {parent_id} has no checkpoint at epoch {epoch}")
+        states[parent_id] = found[0].state_dict()
+    return states
 
 
 @dataclass
@@ -83,7 +107,7 @@ class DeltaSet:
         self.entries = entries
         parent_ids = sorted({e.parent_id for e in entries})
         self.parents = parent_ids
-        parents = parent_states(zoo, parent_ids)
+        parents = parent_states(zoo, entries)
         self.families: list[tuple] = []
         self.inits: list[StateDict] = []
         family_of = {}
@@ -92,7 +116,7 @@ class DeltaSet:
             if key not in family_of:
                 family_of[key] = len(self.families)
                 self.families.append(key)
-                self.inits.append(family_start(entry, parents))
+                self.inits.append(family_start(zoo, entry, parents))
         deltas = []
         self.conditions: list[Condition] = []
         for entry in entries:

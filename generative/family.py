@@ -5,10 +5,16 @@ once. `FamilyBasis.decode(family, a)` gives w0 + sum_k a_k * delta_k exactly (fl
 `distances(family, a)` the L2 distance of such a model to each of the family's runs without building it
 (from the Gram matrix of the deltas). Only complete families (a finished run in every slot) are used.
 
+Memory: a family's weights (its start and K runs, float32 as stored) are read from the zoo when first
+decoded and kept while they fit `cache_bytes`; beyond that the least recently used family is dropped and
+read again when needed. The bundled zoo fits whole; a ViT-S/16 zoo (616 MB per family) keeps a few.
+
 Shapes: F families, K slots, P parameters.
 """
 
 from __future__ import annotations
+
+from collections import OrderedDict
 
 import torch
 
@@ -16,6 +22,7 @@ from generative.data import family_key, family_start, parent_states
 from zoo_builder.zoo import BUNDLED, Zoo, ZooEntry
 
 StateDict = dict[str, torch.Tensor]
+FamilyWeights = tuple[StateDict, StateDict]  # (start, runs: tensors [K, *shape]), float32 as stored
 
 
 def slot_of(factors: dict) -> tuple[str, float]:
@@ -23,7 +30,7 @@ def slot_of(factors: dict) -> tuple[str, float]:
 
 
 class FamilyBasis:
-    def __init__(self, zoo: Zoo, head: str = "linear"):
+    def __init__(self, zoo: Zoo, head: str = "linear", cache_bytes: int = 4 * 2**30):
         final = [e for e in zoo.filter(stage="finetune", status="done", epoch="last", head=head)]
         if not final:
             raise ValueError(f"{zoo.root} has no finished fine-tuned models with a {head} head")
@@ -41,20 +48,33 @@ class FamilyBasis:
         self.skipped = len(grouped) - len(complete)
         self.families: list[tuple] = sorted(complete)
         self.members: list[list[ZooEntry]] = [[complete[key][slot] for slot in self.slots] for key in self.families]
-        parents = parent_states(zoo, {key[0] for key in self.families})
-        self.inits: list[StateDict] = []
-        self.deltas: list[StateDict] = []  # per family: tensors [K, *shape] (float64)
+        self._zoo = zoo
+        self._parents = parent_states(zoo, [members[0] for members in self.members])
+        self._cache: OrderedDict[int, FamilyWeights] = OrderedDict()
+        self._cache_bytes = cache_bytes
         gram = []
-        for members in self.members:
-            init = family_start(members[0], parents)
-            weights = [m.state_dict() for m in members]
-            delta = {k: torch.stack([w[k].double() - init[k].double() for w in weights]) for k in init}
-            flat = torch.cat([v.flatten(1) for v in delta.values()], dim=1)  # [K, P]
+        for family in range(self.num_families):
+            start, runs = self._weights(family)
+            flat = torch.cat([(runs[k].double() - start[k].double()).flatten(1) for k in start], dim=1)  # [K, P]
             gram.append(flat @ flat.T)
-            self.inits.append(init)
-            self.deltas.append(delta)
         self.gram = torch.stack(gram)  # [F, K, K]
         self.val_acc = torch.tensor([[m.metrics.get("val_acc") or 0.0 for m in ms] for ms in self.members])  # [F, K]
+
+    def _weights(self, family: int) -> FamilyWeights:
+        """The family's start and runs, from the cache or read (and checked) from the zoo."""
+        if family in self._cache:
+            self._cache.move_to_end(family)
+            return self._cache[family]
+        members = self.members[family]
+        start = family_start(self._zoo, members[0], self._parents)
+        for member in members[1:]:
+            _check_same_start(self._zoo, members[0], member, start)
+        weights = [m.state_dict() for m in members]
+        runs = {k: torch.stack([w[k] for w in weights]) for k in start}
+        self._cache[family] = (start, runs)
+        while len(self._cache) > 1 and sum(map(_bytes, self._cache.values())) > self._cache_bytes:
+            self._cache.popitem(last=False)
+        return start, runs
 
     @property
     def num_families(self) -> int:
@@ -67,9 +87,11 @@ class FamilyBasis:
     def decode(self, family: int, coordinates: torch.Tensor) -> StateDict:
         """w0 + sum_k a_k delta_k as float32 tensors; coordinates [K]."""
         a = coordinates.double()
-        init = self.inits[family]
-        deltas = self.deltas[family]
-        return {k: (init[k].double() + torch.einsum("k,k...->...", a, v)).float() for k, v in deltas.items()}
+        start, runs = self._weights(family)
+        return {
+            k: (w0.double() + torch.einsum("k,k...->...", a, runs[k].double() - w0.double())).float()
+            for k, w0 in start.items()
+        }
 
     def distances(self, family: int, coordinates: torch.Tensor) -> torch.Tensor:
         """[B, K] L2 distance of the models with coordinates [B, K] to each run of the family."""
@@ -95,3 +117,18 @@ class FamilyBasis:
             "families": [list(key) for key in self.families],
             "members": [[[m.model_id, m.sha256] for m in ms] for ms in self.members],
         }
+
+
+def _bytes(weights: FamilyWeights) -> int:
+    return sum(v.numel() * v.element_size() for part in weights for v in part.values())
+
+
+def _check_same_start(zoo: Zoo, first: ZooEntry, member: ZooEntry, start: StateDict) -> None:
+    """Members of a family must share their start (true by construction for a zoo we built; an imported
+    zoo's epoch-0 checkpoints say it)."""
+    initial = zoo.filter(model_id=member.model_id, epoch=0)
+    if len(initial) and any(not torch.equal(v, start[k]) for k, v in initial[0].state_dict().items()):
+        raise ValueError(
+            f"{first.model_id} and {member.model_id} share parent, head and seed but not their initial weights; "
+            "the family bases need runs that started from the same weights"
+        )

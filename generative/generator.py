@@ -76,7 +76,8 @@ def training_set(basis: FamilyBasis, config: DiffusionConfig, measure: Measure, 
     scale = torch.where(shrunk, torch.as_tensor(rng.uniform(0.2, 1.0, config.mixtures), dtype=torch.float32), 1.0)
     mixed = mixed * scale[:, None]
     measured = []
-    chunk = 250
+    parameters = sum(v.numel() for v in basis.decode(0, torch.zeros(k_count)).values())
+    chunk = max(1, min(250, 2**28 // parameters))  # models per measure call: 1 GiB of float32 weights at most
     from tqdm.auto import tqdm
 
     for start in tqdm(range(0, config.mixtures, chunk), desc="measure mixtures (val)", disable=not progress):

@@ -45,6 +45,7 @@ from pathlib import Path, PurePosixPath
 import torch
 
 from zoo_builder.blueprint import OPTIMIZERS, Factors
+from zoo_builder.data import DATASETS
 from zoo_builder.data import info as dataset_info
 from zoo_builder.models import INIT_SCHEMES, Architecture, build_vit
 from zoo_builder.zoo import Zoo, ZooError, ZooWriter, code_version, finite_or_none
@@ -81,7 +82,8 @@ REQUIRED = {
     "training::epochs_train": ("epochs", int),
 }
 OBJECTIVES = {"sl": "supervised", "cl": "contrastive"}
-DATASET_NAMES = {"imagenet": "imagenet", "imagenet1k": "imagenet", "cifar100": "cifar100", "cifar10": "cifar10"}
+# `dataset::name`, lowercased without punctuation -> our dataset name (the zoo's own, plus what we can load)
+DATASET_NAMES = {re.sub(r"[^a-z0-9]", "", name): name for name in DATASETS} | {"imagenet1k": "imagenet"}
 STAGE_DATASET = {"pretrain": "imagenet", "finetune": "cifar100"}
 
 
