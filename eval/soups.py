@@ -41,20 +41,33 @@ class EpochSoup:
         return self.soup_test - self.final_test
 
 
-def epoch_soups(zoo: Zoo, dataset: str, k: int, num_heads: int, stage: str = "finetune") -> list[EpochSoup]:
-    """For every model of `stage` with at least k checkpoints: its last-k soup vs its last checkpoint."""
+def epoch_soups(
+    zoo: Zoo,
+    dataset: str,
+    k: int,
+    num_heads: int,
+    stage: str = "finetune",
+    device: torch.device | str = "cpu",
+    data_root: str | None = None,
+    block: int = 32,
+) -> list[EpochSoup]:
+    """For every model of `stage` with at least k checkpoints: its last-k soup vs its last checkpoint
+    (evaluated `block` models at a time, so a zoo of big models never sits in memory whole)."""
     candidates = []
     for model_id, record in zoo.records.items():
         epochs = [c["epoch"] for c in record["checkpoints"]][-k:]
         if record["stage"] == stage and record["status"] == "done" and len(epochs) == k:
             candidates.append((model_id, epochs))
-    pairs = []
-    for model_id, epochs in candidates:
-        entries = [zoo.filter(model_id=model_id, epoch=e)[0] for e in epochs]
-        pairs.append((f"{model_id}:final", entries[-1].state_dict()))
-        pairs.append((f"{model_id}:soup", average([e.state_dict() for e in entries])))
-    scores = {split: {r.name: r.accuracy for r in evaluate(pairs, dataset, split, num_heads=num_heads)}
-              for split in ("val", "test")}  # fmt: skip
+    scores: dict[str, dict[str, float]] = {"val": {}, "test": {}}
+    for start in range(0, len(candidates), block):
+        pairs = []
+        for model_id, epochs in candidates[start : start + block]:
+            entries = [zoo.filter(model_id=model_id, epoch=e)[0] for e in epochs]
+            pairs.append((f"{model_id}:final", entries[-1].state_dict()))
+            pairs.append((f"{model_id}:soup", average([e.state_dict() for e in entries])))
+        for split in scores:
+            results = evaluate(pairs, dataset, split, num_heads=num_heads, device=device, data_root=data_root)
+            scores[split] |= {r.name: r.accuracy for r in results}
     return [
         EpochSoup(
             model_id,
@@ -79,7 +92,9 @@ class ParentSoup:
     greedy_size: int
 
 
-def parent_soups(zoo: Zoo, dataset: str, num_heads: int) -> list[ParentSoup]:
+def parent_soups(
+    zoo: Zoo, dataset: str, num_heads: int, device: torch.device | str = "cpu", data_root: str | None = None
+) -> list[ParentSoup]:
     """Uniform and greedy soups of every parent's fine-tunes (per head type), vs the best single model on val."""
     last = zoo.filter(stage="finetune", epoch="last", status="done")
     groups: dict[tuple[str, str], list] = {}
@@ -88,12 +103,19 @@ def parent_soups(zoo: Zoo, dataset: str, num_heads: int) -> list[ParentSoup]:
     soups = []
     for (parent_id, head), entries in groups.items():
         states = {e.model_id: e.state_dict() for e in entries}
-        ranked = sorted(entries, key=lambda e: e.metrics["val_acc"], reverse=True)
+        val = {e.model_id: e.metrics.get("val_acc") for e in entries}
+        unrecorded = [m for m, accuracy in val.items() if accuracy is None]  # e.g. imported zoos: measure them
+        if unrecorded:
+            results = evaluate([(m, states[m]) for m in unrecorded], dataset, "val", num_heads=num_heads,
+                               device=device, data_root=data_root)  # fmt: skip
+            val |= {r.name: r.accuracy for r in results}
+        ranked = sorted(entries, key=lambda e: val[e.model_id], reverse=True)
         greedy = [ranked[0].model_id]
-        greedy_val = ranked[0].metrics["val_acc"]
+        greedy_val = val[ranked[0].model_id]
         for entry in ranked[1:]:
             trial = average([states[m] for m in [*greedy, entry.model_id]])
-            accuracy = evaluate([("trial", trial)], dataset, "val", num_heads=num_heads)[0].accuracy
+            accuracy = evaluate([("trial", trial)], dataset, "val", num_heads=num_heads, device=device,
+                                data_root=data_root)[0].accuracy  # fmt: skip
             if accuracy >= greedy_val:
                 greedy, greedy_val = [*greedy, entry.model_id], accuracy
         pairs = [
@@ -101,7 +123,8 @@ def parent_soups(zoo: Zoo, dataset: str, num_heads: int) -> list[ParentSoup]:
             ("uniform", average(list(states.values()))),
             ("greedy", average([states[m] for m in greedy])),
         ]
-        test = {r.name: r.accuracy for r in evaluate(pairs, dataset, "test", num_heads=num_heads)}
+        results = evaluate(pairs, dataset, "test", num_heads=num_heads, device=device, data_root=data_root)
+        test = {r.name: r.accuracy for r in results}
         soups.append(ParentSoup(parent_id, head, len(entries), test["best"], test["uniform"], test["greedy"],
                                 len(greedy)))  # fmt: skip
     return soups
@@ -128,7 +151,16 @@ def parent_soup_table(soups: list[ParentSoup]) -> str:
     return "\n".join(lines)
 
 
-def write_soups(zoo: Zoo, dataset: str, ks: list[int], parent: str | None, out, config: dict):
+def write_soups(
+    zoo: Zoo,
+    dataset: str,
+    ks: list[int],
+    parent: str | None,
+    out,
+    config: dict,
+    device: torch.device | str = "cpu",
+    data_root: str | None = None,
+):
     """Run the epoch and parent soups and write results.json, report.md and gains.png into `out`."""
     from pathlib import Path
 
@@ -142,8 +174,8 @@ def write_soups(zoo: Zoo, dataset: str, ks: list[int], parent: str | None, out, 
     num_heads = zoo.architecture.kwargs["num_heads"]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    epochs = {k: epoch_soups(zoo, dataset, k, num_heads) for k in ks}
-    parents = parent_soups(zoo, dataset, num_heads)
+    epochs = {k: epoch_soups(zoo, dataset, k, num_heads, device=device, data_root=data_root) for k in ks}
+    parents = parent_soups(zoo, dataset, num_heads, device, data_root)
     atomic_write_json(out / "results.json", {
         "zoo": str(zoo.root), "dataset": dataset, "config": config, "code_version": code_version(),
         "epoch_soups": {str(k): [vars(s) | {"gain": s.gain} for s in soups] for k, soups in epochs.items()},

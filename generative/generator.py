@@ -69,6 +69,10 @@ def training_set(basis: FamilyBasis, config: DiffusionConfig, measure: Measure, 
     family = torch.arange(f_count).repeat_interleave(k_count)
     coordinates = torch.eye(k_count).repeat(f_count, 1)
     accuracy = basis.val_acc.flatten()
+    unrecorded = [i for i, m in enumerate(m for ms in basis.members for m in ms) if "val_acc" not in m.metrics]
+    if unrecorded:  # e.g. an imported zoo that logged test accuracy only: measure the runs on val
+        runs = [basis.decode(int(family[i]), coordinates[i]) for i in unrecorded]
+        accuracy[unrecorded] = torch.tensor(measure(runs), dtype=accuracy.dtype)
     rng = np.random.default_rng(config.seed)
     mixed_family = torch.as_tensor(rng.integers(0, f_count, config.mixtures))
     mixed = torch.as_tensor(rng.dirichlet([config.dirichlet] * k_count, config.mixtures), dtype=torch.float32)

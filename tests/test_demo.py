@@ -1,9 +1,12 @@
 """`vitzoo demo`: every stage, one report folder, resume from the last finished stage with the same table."""
 
+import itertools
 import json
 
+import torch
 from conftest import run_cli
 
+from generative.generator import load_generator
 from zoo_builder import Zoo
 
 
@@ -61,3 +64,44 @@ def test_summary_rows_pick_the_populations_and_the_fine_tuned_accuracy():
     tuned = by_name["sampled after 1 epoch fine-tuning"]
     assert tuned["n"] == 2 and abs(tuned["mean_acc"] - 0.85) < 1e-12 and tuned["max_acc"] == 0.9
     assert by_name["conditioned samples"]["mean_acc"] == 0.6
+
+
+def test_demo_on_an_imported_zoo_with_the_gpu_preset(tmp_path):
+    """The ViT-S/16 preset's code path at tiny size on the CPU: an official-layout zoo (fine-tunes with their
+    checkpoint_0, no validation accuracy recorded) imported, the generator trained on it, targets taken from
+    its accuracy range, raw novelty distances."""
+    from test_import import finetune_config, pretrain_config, results, vit, write_model
+
+    from zoo_builder.importers import import_vitmodelzoo
+
+    tiny = {"img_size": 28, "patch_size": 7, "in_chans": 1, "embed_dim": 24, "depth": 2, "num_heads": 2}
+    source = tmp_path / "source" / "sl_parent"
+    parent = vit(10, seed=1, **tiny).state_dict()
+    write_model(source, pretrain_config(**{"dataset::name": "digits", "model::num_heads": 2}),
+                {"checkpoint_2": parent}, results(2))  # fmt: skip
+    for seed in (42, 6312):
+        start = dict(parent) | {k: v for k, v in vit(10, seed=seed, **tiny).state_dict().items() if "head" in k}
+        for index, (optimizer, lr) in enumerate(itertools.product(("AdamW", "SGD"), (3e-3, 1e-3, 1e-4))):
+            torch.manual_seed(seed + index)  # each run its own direction, its size growing with the lr
+            step = {k: 10 * lr * torch.randn_like(v) for k, v in start.items()}
+            checkpoints = {f"checkpoint_{e}": {k: v + e * step[k] for k, v in start.items()} for e in (0, 1, 2)}
+            config = finetune_config(**{"dataset::name": "digits", "model::o_dim": 10, "seed": seed,
+                                        "optim::optimizer": optimizer, "optim::lr": lr})  # fmt: skip
+            write_model(source / f"ft_{optimizer}_{lr}_{seed}", config, checkpoints, results(2))
+    import_vitmodelzoo(tmp_path / "source", tmp_path / "zoo", progress=False)
+
+    out = tmp_path / "demo"
+    settings = ["experiment=vit_s16_cifar100", "device=cpu", "generator.mixtures=12", "+generator.steps=30", "n=4",
+                "per_target=1", "finetune_epochs=0", f"out={out}", "threads=1", "progress=false"]  # fmt: skip
+    run = run_cli("demo", str(tmp_path / "zoo"), *settings, timeout=600)
+    assert "| sampled zero-shot | 4 |" in run.stdout and "| conditioned samples | 4 |" in run.stdout
+    generator = load_generator(out / "generator" / "generator.safetensors", str(tmp_path / "zoo"))
+    low, high = generator.stats["accuracy_min"], generator.stats["accuracy_max"]
+    targets = sorted(e.factors["target_acc"] for e in Zoo.open(out / "samples") if e.factors["target_acc"])
+    assert targets == [round(low + q * (high - low), 3) for q in (0.2, 0.4, 0.6, 0.8)]
+    assert json.loads((out / "tokens.json").read_text())["width"] == 385
+    soups = json.loads((out / "soups" / "results.json").read_text())
+    assert len(soups["epoch_soups"]["2"]) == 12 and soups["parent_soups"][0]["models"] == 12
+
+    shipped = run_cli("demo", str(tmp_path / "zoo"), f"out={tmp_path / 'shipped'}", check=False)
+    assert shipped.returncode == 2 and "retrain=true" in shipped.stderr

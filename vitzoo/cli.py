@@ -273,6 +273,7 @@ def soup_task(cfg) -> None:
 
     from eval.soups import write_soups
     from zoo_builder.data import DatasetError
+    from zoo_builder.models import select_device
     from zoo_builder.zoo import Zoo, ZooError
 
     if cfg.threads:
@@ -280,19 +281,20 @@ def soup_task(cfg) -> None:
     try:
         zoo = Zoo.open(cfg.path)
         out = write_soups(zoo, cfg.dataset or zoo.dataset, list(cfg.k), cfg.parent, Path(cfg.out),
-                          OmegaConf.to_container(cfg, resolve=True))  # fmt: skip
+                          OmegaConf.to_container(cfg, resolve=True), select_device(cfg.device),
+                          cfg.data_root)  # fmt: skip
     except (ZooError, DatasetError, ValueError) as error:
         fail("soup", str(error))
     print((out / "report.md").read_text())
 
 
-def measure_on(dataset: str, split: str, num_heads: int | None, data_root: str | None):
+def measure_on(dataset: str, split: str, num_heads: int | None, data_root: str | None, device: str = "cpu"):
     """A callback giving the accuracy of state dicts on one split (the batched evaluator, for generators)."""
     from eval.evaluation import evaluate
 
     def measure(state_dicts):
         pairs = [(str(i), state_dict) for i, state_dict in enumerate(state_dicts)]
-        results = evaluate(pairs, dataset, split, num_heads=num_heads, data_root=data_root)
+        results = evaluate(pairs, dataset, split, num_heads=num_heads, device=device, data_root=data_root)
         return [r.accuracy if r.error is None else 0.0 for r in results]
 
     return measure
@@ -349,6 +351,7 @@ def demo_task(cfg) -> None:
 
     from vitzoo.demo import run_demo, table
     from zoo_builder.data import DatasetError
+    from zoo_builder.models import select_device
     from zoo_builder.zoo import Zoo, ZooError
 
     if cfg.threads:
@@ -357,10 +360,11 @@ def demo_task(cfg) -> None:
     (run_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.to_container(cfg, resolve=True)))
     try:
         zoo = Zoo.open(cfg.path)
-        measure = measure_on(zoo.dataset, "val", zoo.architecture.kwargs.get("num_heads"), None)
+        device = select_device(cfg.device)
+        measure = measure_on(zoo.dataset, "val", zoo.architecture.kwargs.get("num_heads"), cfg.data_root, device)
         from generative.generator import BUNDLED_GENERATOR
 
-        summary = run_demo(cfg, BUNDLED_GENERATOR, measure)
+        summary = run_demo(cfg, BUNDLED_GENERATOR, measure, device)
     except (ZooError, DatasetError, ValueError) as error:
         fail("demo", str(error))
     print("\n".join(table(summary["rows"])))

@@ -21,19 +21,21 @@ import json
 import shutil
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
+from omegaconf import OmegaConf
 
 from eval.compare import GAUSSIAN, NOISE, RANDOM, ZOO, compare, write_comparison
 from eval.finetune import FinetuneRecipe
 from eval.soups import write_soups
 from generative.checkpoint import read_checkpoint
-from generative.data import TOKEN_WIDTH
 from generative.diffusion import DiffusionConfig
 from generative.generator import load_generator, sample, train_generator
 from tokenizer.spec import TokenSpec
-from tokenizer.tokens import detokenize, tokenize_batch
+from tokenizer.tokens import detokenize, tokenize
 from zoo_builder.zoo import Zoo, ZooError, atomic_write_json, code_version, write_sampled
 
 STAGES = ("tokenize", "generator", "sample", "evaluate", "soups", "report")
@@ -42,8 +44,9 @@ EXPECTED_SECONDS = {"tokenize": 5, "generator": 1, "sample": 20, "evaluate": 150
 RETRAIN_SECONDS = 280
 
 
-def run_demo(cfg, shipped_generator: Path, measure) -> dict:
-    """Run (or resume) every stage; returns the summary (also in results.json)."""
+def run_demo(cfg, shipped_generator: Path, measure, device: torch.device | str = "cpu") -> dict:
+    """Run (or resume) every stage; returns the summary (also in results.json). `measure` gives validation
+    accuracies of state dicts (it labels the generator's training mixtures); `device` runs the evaluations."""
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     done_path = out / "stages.json"
@@ -60,7 +63,7 @@ def run_demo(cfg, shipped_generator: Path, measure) -> dict:
         left = sum(expected[s] for s in STAGES[index:] if s not in done.get("seconds", {}))
         print(f"[{index + 1}/{len(STAGES)}] {stage} (about {left // 60} min {left % 60} s left)", flush=True)
         tic = time.perf_counter()
-        STAGE_FUNCTIONS[stage](cfg, zoo, out, shipped_generator, measure)
+        STAGE_FUNCTIONS[stage](cfg, zoo, out, Context(shipped_generator, measure, torch.device(device)))
         done.setdefault("seconds", {})[stage] = round(time.perf_counter() - tic, 1)
         atomic_write_json(done_path, done)
     summary = json.loads((out / "results.json").read_text())
@@ -69,41 +72,59 @@ def run_demo(cfg, shipped_generator: Path, measure) -> dict:
 
 
 def _config_key(cfg) -> dict:
-    keys = ("path", "retrain", "n", "targets", "per_target", "finetune_epochs", "seed")
-    return {k: list(cfg[k]) if k == "targets" else cfg[k] for k in keys}
+    keys = ("path", "retrain", "generator", "n", "targets", "per_target", "finetune_epochs", "align", "token_width",
+            "seed")  # fmt: skip
+    return {k: OmegaConf.to_container(cfg[k]) if OmegaConf.is_config(cfg[k]) else cfg[k] for k in keys}
 
 
-def _tokenize(cfg, zoo: Zoo, out: Path, shipped, measure) -> None:
+@dataclass
+class Context:
+    shipped: Path  # the generator shipped beside the bundled zoo
+    measure: Callable  # state dicts -> validation accuracies
+    device: torch.device
+
+
+def _tokenize(cfg, zoo: Zoo, out: Path, context: Context) -> None:
+    """Every fine-tune tokenized and detokenized again, one at a time (a ViT-S/16 zoo does not fit in memory)."""
     entries = list(zoo.filter(stage="finetune", epoch="last", head="linear"))
-    state_dicts = [e.state_dict() for e in entries]
-    spec = TokenSpec.from_state_dict(state_dicts[0], TOKEN_WIDTH, zoo.architecture.kwargs.get("num_heads"))
-    tokens = tokenize_batch(state_dicts, spec).values  # [models, T, d]
-    back = detokenize(tokens[0], spec)
-    exact = all(torch.equal(back[k], state_dicts[0][k]) for k in state_dicts[0])
-    if not exact:
-        raise ZooError("tokenizer round trip is not exact")  # the tokenizer's tests make this unreachable
+    spec = TokenSpec.from_state_dict(entries[0].state_dict(), cfg.token_width, zoo.architecture.kwargs.get("num_heads"))
+    for entry in entries:
+        state_dict = entry.state_dict()
+        back = detokenize(tokenize(state_dict, spec).values, spec)
+        if not all(torch.equal(back[k], state_dict[k]) for k in state_dict):
+            raise ZooError(f"tokenizer round trip is not exact for {entry.model_id}")  # the tokenizer's tests
     spec.save(out / "token_spec.json")
     atomic_write_json(out / "tokens.json", {"models": len(entries), "tokens_per_model": spec.num_tokens,
-                                           "width": spec.width, "round_trip_exact": exact})  # fmt: skip
+                                           "width": spec.width, "round_trip_exact": True})  # fmt: skip
 
 
-def _generator(cfg, zoo: Zoo, out: Path, shipped: Path, measure) -> None:
+def _generator(cfg, zoo: Zoo, out: Path, context: Context) -> None:
     target = out / "generator"
+    shipped = context.shipped
     if cfg.retrain:
-        config = DiffusionConfig(**read_checkpoint(shipped)[1]["config"]) if shipped.exists() else DiffusionConfig()
-        train_generator(zoo, target, config, measure, progress=cfg.progress)
+        config = read_checkpoint(shipped)[1]["config"] if shipped.exists() else DiffusionConfig().to_dict()
+        unknown = sorted(set(cfg.generator) - set(config))
+        if unknown:
+            raise ValueError(f"generator: unknown DiffusionConfig field(s) {unknown}; known: {sorted(config)}")
+        config = DiffusionConfig(**(config | dict(cfg.generator)))
+        train_generator(zoo, target, config, context.measure, progress=cfg.progress)
         return
+    if cfg.generator:
+        raise ValueError("generator settings change a generator that is trained: use them with retrain=true")
     if not shipped.exists():
         raise ZooError(f"no shipped generator at {shipped}; run with retrain=true")
     target.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(shipped, target / "generator.safetensors")
-    load_generator(target / "generator.safetensors", cfg.path)  # fails clearly if it was trained on another zoo
+    try:
+        load_generator(target / "generator.safetensors", cfg.path)
+    except ZooError as error:
+        raise ZooError(f"the shipped generator belongs to the bundled zoo; for {cfg.path} use retrain=true") from error
 
 
-def _sample(cfg, zoo: Zoo, out: Path, shipped, measure) -> None:
+def _sample(cfg, zoo: Zoo, out: Path, context: Context) -> None:
     generator = load_generator(out / "generator" / "generator.safetensors", cfg.path)
     samples, parents, info = sample(generator, cfg.n, cfg.seed)
-    for i, target in enumerate(cfg.targets):
+    for i, target in enumerate(conditioning_targets(cfg.targets, generator)):
         drawn, drawn_parents, _ = sample(generator, cfg.per_target, cfg.seed + 1 + i, target_acc=target)
         samples += drawn
         parents += drawn_parents
@@ -113,19 +134,29 @@ def _sample(cfg, zoo: Zoo, out: Path, shipped, measure) -> None:
     atomic_write_json(out / "sampling.json", info)
 
 
-def _evaluate(cfg, zoo: Zoo, out: Path, shipped, measure) -> None:
+def conditioning_targets(targets: list[float] | None, generator) -> list[float]:
+    """The given target accuracies, or the 20/40/60/80% quantiles of the accuracies the generator was trained
+    on (null targets: a preset that fits any zoo)."""
+    if targets is not None:
+        return list(targets)
+    low, high = generator.stats["accuracy_min"], generator.stats["accuracy_max"]
+    return [round(low + q * (high - low), 3) for q in (0.2, 0.4, 0.6, 0.8)]
+
+
+def _evaluate(cfg, zoo: Zoo, out: Path, context: Context) -> None:
     samples = Zoo.open(out / "samples")
     reference = zoo.filter(stage="finetune", epoch="last", head="linear")
     recipe = FinetuneRecipe(epochs=cfg.finetune_epochs, seed=cfg.seed)
-    comparison = compare(samples, reference, seed=cfg.seed, finetune=recipe, progress=cfg.progress)
+    comparison = compare(samples, reference, seed=cfg.seed, align=cfg.align, finetune=recipe, device=context.device,
+                         data_root=cfg.data_root, progress=cfg.progress)  # fmt: skip
     write_comparison(comparison, out / "evaluation")
 
 
-def _soups(cfg, zoo: Zoo, out: Path, shipped, measure) -> None:
-    write_soups(zoo, zoo.dataset, [2, 3], None, out / "soups", {"k": [2, 3]})
+def _soups(cfg, zoo: Zoo, out: Path, context: Context) -> None:
+    write_soups(zoo, zoo.dataset, [2, 3], None, out / "soups", {"k": [2, 3]}, context.device, cfg.data_root)
 
 
-def _report(cfg, zoo: Zoo, out: Path, shipped, measure) -> None:
+def _report(cfg, zoo: Zoo, out: Path, context: Context) -> None:
     comparison = json.loads((out / "evaluation" / "results.json").read_text())
     soups = json.loads((out / "soups" / "results.json").read_text())
     seconds = json.loads((out / "stages.json").read_text()).get("seconds", {})
@@ -149,7 +180,7 @@ def _report(cfg, zoo: Zoo, out: Path, shipped, measure) -> None:
     lines = [
         f"# vitzoo demo on {cfg.path}",
         "",
-        f"Seed {cfg.seed}, code {code_version()}. Digits test split; the zoo row is the fine-tuned models the "
+        f"Seed {cfg.seed}, code {code_version()}. {zoo.dataset} test split; the zoo row is the fine-tuned models the "
         "generator was trained on (linear heads, last epoch).",
         "",
         *table(rows),

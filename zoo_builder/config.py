@@ -4,7 +4,7 @@ an unknown key or a value of the wrong type fails before anything runs)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 
@@ -98,6 +98,8 @@ class SoupConfig:
     k: List[int] = field(default_factory=lambda: [2, 3])
     parent: Optional[str] = None
     out: str = "runs/soup"
+    device: str = "auto"
+    data_root: Optional[str] = None
     threads: Optional[int] = None
 
 
@@ -139,11 +141,17 @@ class DemoConfig:
     path: str = "bundled"  # the zoo
     out: str = "runs/demo"
     retrain: bool = False  # train the generator afresh instead of using the shipped one
+    generator: Dict[str, Any] = field(default_factory=dict)  # DiffusionConfig fields that differ, for retrain
     n: int = 120  # unconditioned samples
-    targets: List[float] = field(default_factory=lambda: [0.3, 0.5, 0.7, 0.9])  # conditioned: val accuracies
+    # conditioned samples: target val accuracies; null: the 20/40/60/80% quantiles of what the generator saw
+    targets: Optional[List[float]] = field(default_factory=lambda: [0.3, 0.5, 0.7, 0.9])
     per_target: int = 10
     finetune_epochs: int = 1
+    align: bool = True  # novelty after aligning heads and MLP units (one assignment problem per block and pair)
+    token_width: int = 25  # the tokenize stage's token width (25: the bundled ViT's rows plus bias)
     seed: int = 0
+    device: str = "auto"
+    data_root: Optional[str] = None
     threads: Optional[int] = None
     progress: bool = False
 
