@@ -21,6 +21,8 @@ def test_demo_runs_every_stage_and_resumes(tmp_path):
     assert len(samples) == 10 and {e.factors["method"] for e in samples} == {"diffusion"}
     assert sum(e.factors["target_acc"] is not None for e in samples) == 4
     results = json.loads((out / "results.json").read_text())
+    assert results["conditioning"]["n"] == 4 and set(results["conditioning"]["mean_acc_per_target"]) == {"0.5", "0.9"}
+    assert "Conditioning: Spearman's rho" in first.stdout
     names = [r["population"] for r in results["rows"]]
     # fine-tuning is off here (it is the slow part): no "sampled after fine-tuning" row
     assert names == ["zoo (fine-tuned)", "random init", "Gaussian baseline", "noise-around-zoo baseline",

@@ -349,7 +349,7 @@ def demo_task(cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
-    from vitzoo.demo import run_demo, table
+    from vitzoo.demo import conditioning_line, run_demo, table
     from zoo_builder.data import DatasetError
     from zoo_builder.models import select_device
     from zoo_builder.zoo import Zoo, ZooError
@@ -368,7 +368,8 @@ def demo_task(cfg) -> None:
     except (ZooError, DatasetError, ValueError) as error:
         fail("demo", str(error))
     print("\n".join(table(summary["rows"])))
-    print(f"\n{summary['soups']}")
+    print(f"\n{conditioning_line(summary['conditioning'])}")
+    print(f"{summary['soups']}")
     print(f"report: {Path(cfg.out) / 'report.md'} (this run: {summary['this_run_seconds']:.0f} s)")
 
 

@@ -167,11 +167,13 @@ def _report(cfg, zoo: Zoo, out: Path, context: Context) -> None:
         f"{statistics.mean(gains):+.4f}, {sum(g > 0 for g in gains) / len(gains):.0%} of {len(gains)} models gain"
         if gains else "no model keeps 2 checkpoints"
     )  # fmt: skip
+    conditioning = conditioning_check(comparison, Zoo.open(out / "samples"))
     summary = {
         "zoo": str(cfg.path),
         "seed": cfg.seed,
         "code_version": code_version(),
         "rows": rows,
+        "conditioning": conditioning,
         "soups": soup_line,
         "stage_seconds": seconds,
         "sampling": json.loads((out / "sampling.json").read_text()),
@@ -187,6 +189,8 @@ def _report(cfg, zoo: Zoo, out: Path, context: Context) -> None:
         "",
         COLUMN_NOTES,
         "",
+        conditioning_line(conditioning),
+        "",
         f"Samples: {summary['sampling']['redrawn_as_copies']} unconditioned draws were redrawn as copies. "
         f"Soups: {soup_line} (details in soups/report.md).",
         "",
@@ -200,6 +204,31 @@ def _report(cfg, zoo: Zoo, out: Path, context: Context) -> None:
         "",
     ]
     (out / "report.md").write_text("\n".join(lines))
+
+
+def conditioning_check(comparison: dict, samples: Zoo) -> dict | None:
+    """How well conditioned samples follow their target validation accuracy: Spearman's rho between target and
+    achieved test accuracy, and the mean achieved accuracy per target."""
+    from scipy.stats import spearmanr
+
+    target = {e.model_id: e.factors.get("target_acc") for e in samples}
+    pairs = [(target[m["name"]], m["accuracy"]) for m in comparison["models"]
+             if target.get(m["name"]) is not None and m["error"] is None]  # fmt: skip
+    if len({t for t, _ in pairs}) < 2:
+        return None
+    means = {t: statistics.mean(a for u, a in pairs if u == t) for t in sorted({t for t, _ in pairs})}
+    rho = spearmanr([t for t, _ in pairs], [a for _, a in pairs]).statistic
+    return {"n": len(pairs), "spearman": float(rho), "mean_acc_per_target": {str(t): a for t, a in means.items()}}
+
+
+def conditioning_line(conditioning: dict | None) -> str:
+    if conditioning is None:
+        return "Conditioning: fewer than two targets sampled."
+    means = ", ".join(f"{t} -> {a:.3f}" for t, a in conditioning["mean_acc_per_target"].items())
+    return (
+        f"Conditioning: Spearman's rho between target validation accuracy and achieved test accuracy "
+        f"{conditioning['spearman']:.3f} over {conditioning['n']} conditioned samples (mean per target: {means})."
+    )
 
 
 STAGE_FUNCTIONS = {
