@@ -41,9 +41,11 @@ def tiny_blueprint(**stage_overrides) -> dict:
     return blueprint
 
 
-def run_cli(*args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, check: bool = True, timeout: float = 300, wandb: str = "disabled"
+) -> subprocess.CompletedProcess:
     """`vitzoo ...` in a subprocess (one torch thread, so it never fights the test process for cores)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": wandb}
     result = subprocess.run(
         [sys.executable, "-m", "vitzoo.cli", *args], capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO
     )

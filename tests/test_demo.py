@@ -34,8 +34,10 @@ def test_demo_runs_every_stage_and_resumes(tmp_path):
     del stages["seconds"]["report"]  # as if killed during the report stage
     (out / "stages.json").write_text(json.dumps(stages))
     (out / "results.json").unlink()
-    second = run_cli("demo", *small, timeout=900)
+    second = run_cli("demo", *small, "logger=wandb", timeout=900, wandb="offline")  # the logger may change
     assert "] report (" in second.stdout and "] soups (" not in second.stdout
+    (logged,) = list((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert b"conditioning" in logged.read_bytes() and b"novelty" in logged.read_bytes()
     again = json.loads((out / "results.json").read_text())
     strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
     assert strip(again["rows"]) == strip(results["rows"])

@@ -351,6 +351,7 @@ def demo_task(cfg) -> None:
 
     from vitzoo.demo import conditioning_line, run_demo, table
     from zoo_builder.data import DatasetError
+    from zoo_builder.logger import make_logger
     from zoo_builder.models import select_device
     from zoo_builder.zoo import Zoo, ZooError
 
@@ -365,6 +366,17 @@ def demo_task(cfg) -> None:
         from generative.generator import BUNDLED_GENERATOR
 
         summary = run_demo(cfg, BUNDLED_GENERATOR, measure, device)
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        logger = make_logger(OmegaConf.to_object(cfg.logger), resolved, str(cfg.path), Path(cfg.out), job_type="demo")
+        if logger is not None:
+            out = Path(cfg.out)
+            plots = {"accuracy": "evaluation/accuracy.png", "novelty": "evaluation/novelty.png",
+                     "finetune": "evaluation/finetune.png", "soup_gains": "soups/gains.png"}  # fmt: skip
+            logger.log_report(
+                {"summary": summary["rows"], "conditioning": [summary["conditioning"] or {}]},
+                {name: out / path for name, path in plots.items()},
+            )
+            logger.finish()
     except (ZooError, DatasetError, ValueError) as error:
         fail("demo", str(error))
     print("\n".join(table(summary["rows"])))

@@ -154,6 +154,7 @@ class DemoConfig:
     data_root: Optional[str] = None
     threads: Optional[int] = None
     progress: bool = False
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
 
 
 def register_schemas() -> None:
