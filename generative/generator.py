@@ -46,6 +46,10 @@ StateDict = dict[str, torch.Tensor]
 Measure = Callable[[list[StateDict]], list[float]]  # validation accuracy of each state dict
 
 
+BASELINES = ("random", "gaussian", "noise")
+METHODS = ("diffusion", "mix", *BASELINES)
+
+
 class ConditionError(ValueError):
     """A sampling condition the generator was not trained on."""
 
@@ -210,17 +214,24 @@ def sample(
     dirichlet: float = 1.0,
     novel_only: bool = True,
     max_rounds: int = 20,
+    distance: float | None = None,
 ) -> tuple[list[tuple[StateDict, dict, dict]], list[str | None], dict]:
     """n models as (state_dict, factors, head), their parents, and a summary of the draw.
 
-    method: "diffusion" (the trained generator) or "mix" (Dirichlet mixtures of a family's runs: the same
-    basis without learning, as a reference). With `novel_only`, draws closer to one of the family's runs than
-    the closest two runs of any family (`stats["copy_threshold"]`) are redrawn."""
+    method: "diffusion" (the trained generator), "mix" (Dirichlet mixtures of a family's runs: the same
+    basis without learning, as a reference), or one of the evaluator's baselines over the generator's runs:
+    "random" (timm's init), "gaussian" (a per-parameter normal fitted to the runs) and "noise" (a random run
+    plus isotropic noise of L2 norm `distance`). With `novel_only`, diffusion and mix draws closer to one of the
+    family's runs than the closest two runs of any family (`stats["copy_threshold"]`) are redrawn."""
     basis, stats = generator.basis, generator.stats
     if n <= 0:
         raise ConditionError(f"n must be positive, got {n}")
-    if method not in ("diffusion", "mix"):
-        raise ConditionError(f"method must be diffusion or mix, got {method!r}")
+    if method not in METHODS:
+        raise ConditionError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if method in BASELINES:
+        if target_acc is not None or optimizer is not None or lr is not None or parent is not None:
+            raise ConditionError(f"method={method} is a baseline: it takes no condition")
+        return _baselines(generator, n, seed, method, distance)
     families = list(range(basis.num_families))
     if parent is not None:
         families = [f for f in families if basis.families[f][0] == parent]
@@ -294,3 +305,31 @@ def sample(
 
 def _classes(basis: FamilyBasis, family: int) -> int:
     return basis.members[family][0].head["num_classes"]
+
+
+def _baselines(generator: Generator, n: int, seed: int, method: str, distance: float | None):
+    """The evaluator's baselines (eval/baselines.py) over the generator's runs, as samples."""
+    from eval.baselines import gaussian, noise_around, random_init
+
+    basis = generator.basis
+    _, head, head_hidden, _, _ = basis.families[0]
+    head_spec = {"head": head, "head_hidden": head_hidden, "num_classes": _classes(basis, 0)}
+    rng = torch.Generator().manual_seed(seed)
+    parents: list[str | None] = [None] * n
+    if method == "random":
+        state_dicts = random_init(basis.architecture, head_spec, n, seed)
+    elif method == "gaussian":
+        runs = [basis.decode(f, torch.eye(basis.num_slots)[k]) for f in range(basis.num_families)
+                for k in range(basis.num_slots)]  # fmt: skip
+        state_dicts = gaussian(runs, n, seed)
+    else:
+        if distance is None or distance <= 0:
+            raise ConditionError("method=noise needs distance=<L2 norm of the noise> (e.g. your samples' distance "
+                                 "to their nearest zoo model, which vitzoo evaluate reports)")  # fmt: skip
+        picks = torch.randint(basis.num_families * basis.num_slots, (n,), generator=rng).tolist()
+        anchors = [basis.decode(i // basis.num_slots, torch.eye(basis.num_slots)[i % basis.num_slots]) for i in picks]
+        state_dicts = noise_around(anchors, [distance] * n, sorted(anchors[0]), seed)
+        parents = [basis.families[i // basis.num_slots][0] for i in picks]
+    factors = {"method": method, "generator": generator.sha256, "distance": distance, "sample_seed": seed}
+    samples = [(state_dict, dict(factors), head_spec) for state_dict in state_dicts]
+    return samples, parents, {"drawn": n, "redrawn_as_copies": 0}

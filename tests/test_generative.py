@@ -115,6 +115,26 @@ def test_cli_sample_from_the_shipped_generator(tmp_path):
     assert len(Zoo.open(out)) == 4
 
 
+def test_baselines_sample_like_the_generator(basis):
+    generator = load_generator("bundled")
+    noisy, parents, _ = sample(generator, 3, seed=1, method="noise", distance=1.5)
+    for (state_dict, factors, head), parent in zip(noisy, parents):
+        assert (
+            factors["method"] == "noise" and head["num_classes"] == 10 and parent in {key[0] for key in basis.families}
+        )
+        runs = [basis.decode(f, torch.eye(basis.num_slots)[k]) for f in range(basis.num_families)
+                for k in range(basis.num_slots)]  # fmt: skip
+        nearest = min(torch.sqrt(sum((state_dict[k].double() - r[k].double()).pow(2).sum() for k in r)) for r in runs)
+        assert abs(nearest.item() - 1.5) < 1e-3  # the noise has exactly the asked norm
+    gaussian, _, _ = sample(generator, 2, method="gaussian")
+    random, _, _ = sample(generator, 2, method="random")
+    assert not torch.equal(gaussian[0][0]["head.weight"], random[0][0]["head.weight"])
+    with pytest.raises(ConditionError, match="distance"):
+        sample(generator, 2, method="noise")
+    with pytest.raises(ConditionError, match="baseline"):
+        sample(generator, 2, method="gaussian", target_acc=0.5)
+
+
 def test_cli_trains_both_models_and_samples_and_probes_the_autoencoder(tmp_path):
     diffusion = tmp_path / "diffusion"
     run_cli("train", "bundled", "model=diffusion", "model.steps=4", "model.mixtures=12", "model.d_model=16",

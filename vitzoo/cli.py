@@ -408,7 +408,7 @@ def sample_task(cfg) -> None:
             generator = load_generator(path, cfg.zoo)
             samples, parents, info = sample(
                 generator, cfg.n, cfg.seed, cfg.method, cfg.parent, cfg.target_acc, cfg.optimizer, cfg.lr,
-                cfg.guidance, cfg.steps, novel_only=cfg.novel_only,
+                cfg.guidance, cfg.steps, novel_only=cfg.novel_only, distance=cfg.distance,
             )  # fmt: skip
             architecture, dataset = generator.basis.architecture, generator.basis.dataset
             note = f" ({info['redrawn_as_copies']} draws redrawn as copies)"

@@ -120,7 +120,7 @@ class TrainConfig:
 class SampleConfig:
     path: str = "???"  # the generator checkpoint; "bundled" = the one shipped beside the bundled zoo
     n: int = 100
-    method: str = "diffusion"  # diffusion | mix (generator checkpoints) | kde (autoencoder checkpoints)
+    method: str = "diffusion"  # diffusion | mix | random | gaussian | noise (generators) | kde (autoencoders)
     bandwidth: float = 0.2  # kde: noise in units of the anchors' latent std
     top: float = 1.0  # kde: anchors are this fraction of models, best by validation accuracy
     out: str = "runs/samples"
@@ -132,6 +132,7 @@ class SampleConfig:
     guidance: float = 2.0
     steps: int = 50
     novel_only: bool = True
+    distance: Optional[float] = None  # method=noise: the noise's L2 norm
     zoo: Optional[str] = None  # where the generator's zoo is, when it moved
     threads: Optional[int] = None
 
