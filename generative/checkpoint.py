@@ -29,7 +29,7 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def write_checkpoint(path: Path, tensors: dict[str, torch.Tensor], metadata: dict) -> None:
-    blob = save_safetensors({k: v.contiguous() for k, v in tensors.items()},
+    blob = save_safetensors({k: v.detach().cpu().contiguous() for k, v in tensors.items()},  # GPU states too
                             {"vitzoo": json.dumps(metadata, sort_keys=True)})  # fmt: skip
     atomic_write_bytes(path, blob)
 

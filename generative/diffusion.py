@@ -104,7 +104,7 @@ def schedulers(config: DiffusionConfig) -> tuple[DDPMScheduler, DDIMScheduler]:
 
 
 def diffusion_loss(
-    model: CoordinateDenoiser,
+    model: nn.Module,
     scheduler: DDPMScheduler,
     x0: torch.Tensor,
     family: torch.Tensor,
@@ -112,17 +112,24 @@ def diffusion_loss(
     slot: torch.Tensor,
     dropout: float,
     generator: torch.Generator,
+    part: slice = slice(None),
 ) -> torch.Tensor:
-    """v-prediction MSE on one batch, with the accuracy and slot conditions dropped at random."""
-    b = x0.shape[0]
+    """v-prediction MSE on one batch, with the accuracy and slot conditions dropped at random.
+
+    The noise, timesteps and dropped conditions of the whole batch are drawn on the CPU from `generator`; the
+    model (a `CoordinateDenoiser`, or DDP around one) sees only the rows `part` on its own device, so that the
+    ranks of a multi-process run draw the same numbers and each computes its share."""
+    b, k = x0.shape  # [B, K]
     noise = torch.randn(x0.shape, generator=generator)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator)
     noisy = scheduler.add_noise(x0, noise, t)
     target = scheduler.get_velocity(x0, noise, t)
     has_accuracy = torch.rand(b, generator=generator) >= dropout
-    slot = torch.where(torch.rand(b, generator=generator) < dropout, model.slots, slot)
-    predicted = model(noisy, t, family, accuracy, has_accuracy, slot)
-    return (predicted - target).pow(2).mean()
+    slot = torch.where(torch.rand(b, generator=generator) < dropout, k, slot)  # k = no slot condition
+    device = next(model.parameters()).device
+    inputs = [v[part].to(device) for v in (noisy, t, family, accuracy, has_accuracy, slot)]
+    predicted = model(*inputs)
+    return (predicted - target[part].to(device)).pow(2).mean()
 
 
 @torch.no_grad()

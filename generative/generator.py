@@ -15,6 +15,7 @@ dicts with their factors; conditions outside what was trained raise `ConditionEr
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ from generative.diffusion import (
     schedulers,
 )
 from generative.family import FamilyBasis
+from generative.runtime import Runtime
 from zoo_builder.zoo import Zoo, ZooError
 
 FORMAT = "vitzoo-generator-1"
@@ -62,13 +64,23 @@ class TrainingSet:
     slot: torch.Tensor  # [N] int64: the run with the largest coordinate
 
 
-def training_set(basis: FamilyBasis, config: DiffusionConfig, measure: Measure, progress: bool = False) -> TrainingSet:
+def training_set(
+    basis: FamilyBasis,
+    config: DiffusionConfig,
+    measure: Measure,
+    progress: bool = False,
+    runtime: Runtime | None = None,
+) -> TrainingSet:
     """Every run (one-hot coordinates, its recorded val accuracy) and `config.mixtures` Dirichlet mixtures of
     one family's runs with their measured val accuracy. A share `config.shrunk` of the mixtures is scaled by
     s ~ U(0.2, 1) towards the family's start (partly trained models): novel models at low accuracies, so the
     accuracy condition covers the zoo's whole range. The slot label of a mixture is its dominant run when that
     run weighs at least half and the mixture is not shrunk (a slot stands for its run's full training), else
-    none."""
+    none.
+
+    Under torchrun every rank draws the same mixtures and measures every W-th chunk of them; the measurements are
+    gathered, so every rank ends with the whole set."""
+    runtime = runtime or Runtime()
     f_count, k_count = basis.num_families, basis.num_slots
     family = torch.arange(f_count).repeat_interleave(k_count)
     coordinates = torch.eye(k_count).repeat(f_count, 1)
@@ -83,15 +95,18 @@ def training_set(basis: FamilyBasis, config: DiffusionConfig, measure: Measure, 
     shrunk = torch.as_tensor(rng.random(config.mixtures) < config.shrunk)
     scale = torch.where(shrunk, torch.as_tensor(rng.uniform(0.2, 1.0, config.mixtures), dtype=torch.float32), 1.0)
     mixed = mixed * scale[:, None]
-    measured = []
     parameters = sum(v.numel() for v in basis.decode(0, torch.zeros(k_count)).values())
     chunk = max(1, min(250, 2**28 // parameters))  # models per measure call: 1 GiB of float32 weights at most
+    starts = list(range(0, config.mixtures, chunk))[runtime.rank :: runtime.world_size]  # this rank's chunks
     from tqdm.auto import tqdm
 
-    for start in tqdm(range(0, config.mixtures, chunk), desc="measure mixtures (val)", disable=not progress):
+    mine = {}
+    for start in tqdm(starts, desc="measure mixtures (val)", disable=not (progress and runtime.main)):
         state_dicts = [basis.decode(int(f), a) for f, a in zip(mixed_family[start : start + chunk],
                                                                   mixed[start : start + chunk])]  # fmt: skip
-        measured += measure(state_dicts)
+        mine[start] = measure(state_dicts)
+    by_start = {start: values for part in runtime.gather(mine) for start, values in part.items()}
+    measured = [value for start in sorted(by_start) for value in by_start[start]]
     all_coordinates = torch.cat([coordinates, mixed])
     weight, dominant = all_coordinates.max(dim=1)
     full = torch.cat([torch.ones(len(family), dtype=torch.bool), ~shrunk])  # runs and unshrunk mixtures
@@ -132,51 +147,80 @@ def train_generator(
     save_every: int = 500,
     progress: bool = True,
     log: Callable[[dict], None] | None = None,
+    runtime: Runtime | None = None,
+    sample_every: int = 0,
+    sample_n: int = 16,
 ) -> Path:
-    """Train (or continue training) and write `out/generator.safetensors`; returns its path."""
+    """Train (or continue training) and write `out/generator.safetensors`; returns its path.
+
+    runtime: device, precision and processes (generative/runtime.py); None is one process on the CPU in fp32.
+    Under torchrun every rank calls this; rank 0 writes the files and calls `log`. With `log`, every
+    `sample_every` steps (0: never) `sample_n` models drawn from the EMA weights are measured by `measure`
+    (validation accuracy) and logged as `sample/val_acc`; the draws use their own generators, so logging does
+    not change the trained weights."""
+    runtime = runtime or Runtime()
     out.mkdir(parents=True, exist_ok=True)
     basis = FamilyBasis(zoo, head)
     state_path = out / "train_state.safetensors"
+    part = runtime.share(config.batch_size)
     torch.manual_seed(config.seed)
-    model = CoordinateDenoiser(basis.num_slots, basis.num_families, config)
-    ema = CoordinateDenoiser(basis.num_slots, basis.num_families, config)
+    model = CoordinateDenoiser(basis.num_slots, basis.num_families, config).to(runtime.device)
+    ema = CoordinateDenoiser(basis.num_slots, basis.num_families, config).to(runtime.device)
     ema.load_state_dict(model.state_dict())
+    trained = runtime.wrap(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
+    described = {"config": config.to_dict(), "basis": basis.describe(), **runtime.describe()}
     start = 0
     if state_path.exists():
-        expected = {"config": config.to_dict(), "basis": basis.describe()}
-        metadata, saved = load_training_state(state_path, model, ema, optimizer, expected)
+        metadata, saved = load_training_state(state_path, model, ema, optimizer, described | runtime.expected())
         data = TrainingSet(saved["coordinates"], saved["family"], saved["accuracy"], saved["slot"])
         start = int(metadata["step"])
     else:
-        data = training_set(basis, config, measure, progress)
+        data = training_set(basis, config, measure, progress, runtime)
     stats = _standardise(data) | {"copy_threshold": basis.min_pairwise_distance()}
     x0 = (data.coordinates - torch.tensor(stats["coordinate_mean"])) / torch.tensor(stats["coordinate_std"])
     accuracy = (data.accuracy - stats["accuracy_mean"]) / stats["accuracy_std"]
     train_scheduler, _ = schedulers(config)
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=config.steps, initial=start, desc="train diffusion", disable=not progress)
+    bar = tqdm(total=config.steps, initial=start, desc="train diffusion", disable=not (progress and runtime.main))
     for step in range(start, config.steps):
+        # the whole batch drawn on the CPU from seed and step (the same on every rank); this rank computes `part`
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
         batch = torch.randint(0, len(x0), (config.batch_size,), generator=generator)
-        loss = diffusion_loss(model, train_scheduler, x0[batch], data.family[batch], accuracy[batch],
-                              data.slot[batch], config.condition_dropout, generator)  # fmt: skip
+        with runtime.autocast():
+            loss = diffusion_loss(trained, train_scheduler, x0[batch], data.family[batch], accuracy[batch],
+                                  data.slot[batch], config.condition_dropout, generator, part)  # fmt: skip
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         update_ema(ema, model, config.ema)
         bar.update(1)
-        if log is not None and (step % 50 == 0 or step == config.steps - 1):
-            log({"step": step, "diffusion/loss": loss.item()})
-        if (step + 1) % save_every == 0 or step + 1 == config.steps:
-            metadata = {"step": step + 1, "config": config.to_dict(), "basis": basis.describe()}
-            save_training_state(state_path, model, ema, optimizer, metadata, vars(data))
+        last = step == config.steps - 1
+        if step % 50 == 0 or last:
+            logs = runtime.mean({"loss": loss.item()})  # a collective: every rank takes part, rank 0 logs
+            if log is not None and runtime.main:
+                log({"step": step, "train/loss": logs["loss"], "train/lr": optimizer.param_groups[0]["lr"]})
+        if log is not None and runtime.main and sample_every > 0 and ((step + 1) % sample_every == 0 or last):
+            current = Generator(config, basis, copy.deepcopy(ema).cpu().eval(), stats)
+            log({"step": step, "sample/val_acc": sample_accuracy(current, measure, sample_n, config.seed)})
+        if runtime.main and ((step + 1) % save_every == 0 or last):
+            save_training_state(state_path, model, ema, optimizer, {"step": step + 1, **described}, vars(data))
     bar.close()
-    metadata = {"format": FORMAT, "config": config.to_dict(), "basis": basis.describe(), "stats": stats,
-                "architecture": basis.architecture.to_dict()}  # fmt: skip
-    write_checkpoint(out / "generator.safetensors", ema.state_dict(), metadata)
+    if runtime.main:
+        metadata = {"format": FORMAT, "config": config.to_dict(), "basis": basis.describe(), "stats": stats,
+                    "architecture": basis.architecture.to_dict(), **runtime.describe()}  # fmt: skip
+        write_checkpoint(out / "generator.safetensors", ema.state_dict(), metadata)
+    runtime.barrier()  # no rank returns before the checkpoint is written
     return out / "generator.safetensors"
+
+
+def sample_accuracy(generator: Generator, measure: Measure, n: int, seed: int) -> float:
+    """Mean measured (validation) accuracy of n unconditioned draws, copies included: a training-time check that
+    draws from its own seeded generators (never from the training streams)."""
+    samples, _, _ = sample(generator, n, seed=seed, novel_only=False)
+    accuracies = measure([state_dict for state_dict, _, _ in samples])
+    return sum(accuracies) / len(accuracies)
 
 
 def load_generator(path: str | Path, zoo: str | None = None) -> Generator:

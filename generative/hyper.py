@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.distributed as dist
+from torch import nn
 
 from generative.autoencoder import AutoencoderConfig, HyperAutoencoder
 from generative.checkpoint import (
@@ -33,11 +35,13 @@ from generative.checkpoint import (
 )
 from generative.data import DeltaSet
 from generative.generator import ConditionError
+from generative.runtime import Runtime
 from tokenizer.dataset import mask_tokens
 from tokenizer.normalize import Normalizer
 from tokenizer.spec import TokenSpec
 from tokenizer.symmetries import permutable_layers, random_permutation
 from tokenizer.tokens import detokenize, tokenize
+from zoo_builder.population import info_nce
 from zoo_builder.zoo import Zoo, ZooError
 
 FORMAT = "vitzoo-autoencoder-1"
@@ -79,6 +83,48 @@ def augmented_views(data: DeltaSet, batch: torch.Tensor, config: AutoencoderConf
     return views, clean
 
 
+class AutoencoderObjective(nn.Module):
+    """`HyperAutoencoder.loss` as a module DDP can wrap, with the NT-Xent negatives gathered from every rank.
+
+    Each rank reconstructs its share of the batch; the contrastive term sees the whole batch's embeddings, as one
+    process would, so the result does not depend on the number of processes. In one process it computes exactly
+    what `model.loss` computes (tested)."""
+
+    def __init__(self, model: HyperAutoencoder):
+        super().__init__()
+        self.model = model
+
+    def forward(self, views: torch.Tensor, clean: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """views, clean [2, B/W, T, d]: this rank's share of the two augmented views and their targets. Returns the
+        loss to back-propagate and the logs (whole-batch contrastive terms, this rank's reconstruction)."""
+        model, config = self.model, self.model.config
+        two, b = views.shape[:2]
+        latents = model.encode(views.flatten(0, 1))  # [2B/W, T, k]
+        reconstruction = model.reconstruction_loss(model.decode(latents), clean.flatten(0, 1))
+        embeddings = model.embed(latents).view(two, b, -1)  # [2, B/W, e]
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        if world > 1:
+            # [2, B, e] in batch order (ranks hold contiguous shares); only this rank's share carries gradients
+            shares = [torch.empty_like(embeddings) for _ in range(world)]
+            dist.all_gather(shares, embeddings.detach().contiguous())
+            shares[dist.get_rank()] = embeddings
+            embeddings = torch.cat(shares, dim=1)
+            b = embeddings.shape[1]
+        temperature = torch.tensor(config.temperature, device=views.device)
+        contrastive, correct = info_nce(embeddings[0], embeddings[1], temperature)
+        w = config.contrastive_weight
+        total = (1 - w) * reconstruction + w * contrastive
+        # every rank computes the same NT-Xent but back-propagates into its own share only, and DDP averages the
+        # gradients over the W ranks: the contrastive term is back-propagated W times as strong to make up for it
+        backward = total if world == 1 else (1 - w) * reconstruction + (w * world) * contrastive
+        return backward, {
+            "loss": total.item(),
+            "reconstruction": reconstruction.item(),
+            "contrastive": contrastive.item(),
+            "view_match": correct.item() / (2 * b),
+        }
+
+
 def train_autoencoder(
     zoo: Zoo,
     out: Path,
@@ -87,50 +133,80 @@ def train_autoencoder(
     save_every: int = 200,
     progress: bool = True,
     log: Callable[[dict], None] | None = None,
+    runtime: Runtime | None = None,
 ) -> Path:
-    """Train (or continue training) and write `out/autoencoder.safetensors`; returns its path."""
+    """Train (or continue training) and write `out/autoencoder.safetensors`; returns its path.
+
+    runtime: device, precision and processes (generative/runtime.py); None is one process on the CPU in fp32.
+    Under torchrun every rank calls this; rank 0 writes the files and calls `log`."""
+    runtime = runtime or Runtime()
     out.mkdir(parents=True, exist_ok=True)
     data = DeltaSet(zoo, head)
     layers = permutable_layers(detokenize(data.tokens[0], data.spec), data.num_heads)
     state_path = out / "train_state.safetensors"
+    part = runtime.share(config.batch_size)
     torch.manual_seed(config.seed)
-    model = HyperAutoencoder(data.spec, config)
-    ema = HyperAutoencoder(data.spec, config)
+    model = HyperAutoencoder(data.spec, config).to(runtime.device)
+    ema = HyperAutoencoder(data.spec, config).to(runtime.device)
     ema.load_state_dict(model.state_dict())
+    objective = runtime.wrap(AutoencoderObjective(model))
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
+    described = {"config": config.to_dict(), "data": describe(data), **runtime.describe()}
     start = 0
     if state_path.exists():
-        expected = {"config": config.to_dict(), "data": describe(data)}
-        start = int(load_training_state(state_path, model, ema, optimizer, expected)[0]["step"])
+        start = int(load_training_state(state_path, model, ema, optimizer, described | runtime.expected())[0]["step"])
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=config.steps, initial=start, desc="train autoencoder", disable=not progress)
+    bar = tqdm(total=config.steps, initial=start, desc="train autoencoder", disable=not (progress and runtime.main))
     for step in range(start, config.steps):
+        # the whole batch and its augmentations, drawn on the CPU from seed and step (the same on every rank)
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
         batch = torch.randint(0, len(data), (config.batch_size,), generator=generator)
-        views, clean = augmented_views(data, batch, config, generator, layers)
-        loss, logs = model.loss(views, clean)
+        views, clean = augmented_views(data, batch, config, generator, layers)  # [2, B, T, d] each
+        with runtime.autocast():
+            loss, logs = objective(views[:, part].to(runtime.device), clean[:, part].to(runtime.device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         update_ema(ema, model, config.ema)
         bar.update(1)
         bar.set_postfix(reconstruction=f"{logs['reconstruction']:.3f}")
-        if log is not None and (step % 25 == 0 or step == config.steps - 1):
-            log({"step": step, **{f"autoencoder/{k}": v for k, v in logs.items()}})
-        if (step + 1) % save_every == 0 or step + 1 == config.steps:
-            metadata = {"step": step + 1, "config": config.to_dict(), "data": describe(data)}
-            save_training_state(state_path, model, ema, optimizer, metadata)
+        if step % 25 == 0 or step == config.steps - 1:
+            logs = runtime.mean(logs)  # a collective: every rank takes part, rank 0 logs
+            if log is not None and runtime.main:
+                lr = optimizer.param_groups[0]["lr"]
+                log({"step": step, **{f"train/{k}": v for k, v in logs.items()}, "train/lr": lr})
+        if runtime.main and ((step + 1) % save_every == 0 or step + 1 == config.steps):
+            save_training_state(state_path, model, ema, optimizer, {"step": step + 1, **described})
     bar.close()
-    metadata = {
-        "format": FORMAT,
-        "config": config.to_dict(),
-        "spec": data.spec.to_dict(),
-        "normalizer": {"mode": data.normalizer.mode, "mean": data.normalizer.mean, "std": data.normalizer.std},
-        "data": describe(data),
-    }
-    write_checkpoint(out / "autoencoder.safetensors", ema.state_dict(), metadata)
+    if runtime.main:
+        metadata = {
+            "format": FORMAT,
+            "config": config.to_dict(),
+            "spec": data.spec.to_dict(),
+            "normalizer": {"mode": data.normalizer.mode, "mean": data.normalizer.mean, "std": data.normalizer.std},
+            "data": describe(data),
+            **runtime.describe(),
+        }
+        write_checkpoint(out / "autoencoder.safetensors", ema.state_dict(), metadata)
+    runtime.barrier()  # no rank returns before the checkpoint is written
     return out / "autoencoder.safetensors"
+
+
+def embedding_rows(bundle: AutoencoderBundle) -> list[dict]:
+    """One row per training checkpoint: who it is, its validation accuracy, the first two principal components of
+    its model embedding (`pca_x`, `pca_y`, for a scatter plot) and the embedding itself (`e0`..)."""
+    values = embeddings(bundle)  # [n, e]
+    centred = values - values.mean(dim=0)
+    _, _, directions = torch.linalg.svd(centred, full_matrices=False)  # directions [e, e], rows by variance
+    pca = centred @ directions[:2].T  # [n, 2]
+    rows = []
+    for entry, condition, point, embedding in zip(bundle.data.entries, bundle.data.conditions, pca, values):
+        row = {"model_id": entry.model_id, "epoch": entry.epoch, "parent_id": entry.parent_id,
+               "optimizer": entry.factors["optimizer"], "lr": entry.factors["lr"], "val_acc": condition.val_acc,
+               "pca_x": point[0].item(), "pca_y": point[1].item()}  # fmt: skip
+        rows.append(row | {f"e{i}": v for i, v in enumerate(embedding.tolist())})
+    return rows
 
 
 def load_autoencoder(path: str | Path, zoo: str | None = None) -> AutoencoderBundle:

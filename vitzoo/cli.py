@@ -288,7 +288,7 @@ def soup_task(cfg) -> None:
     print((out / "report.md").read_text())
 
 
-def measure_on(dataset: str, split: str, num_heads: int | None, data_root: str | None, device: str = "cpu"):
+def measure_on(dataset: str, split: str, num_heads: int | None, data_root: str | None, device="cpu"):
     """A callback giving the accuracy of state dicts on one split (the batched evaluator, for generators)."""
     from eval.evaluation import evaluate
 
@@ -301,11 +301,14 @@ def measure_on(dataset: str, split: str, num_heads: int | None, data_root: str |
 
 
 def train_task(cfg) -> None:
+    """One process, or one rank of `torchrun --nproc_per_node=N -m vitzoo.cli train ...` (WORLD_SIZE > 1 in the
+    environment): every rank trains its share of each batch; rank 0 alone logs, writes and prints."""
     import torch
     from omegaconf import OmegaConf
 
     from generative.autoencoder import AutoencoderConfig
     from generative.diffusion import DiffusionConfig
+    from generative.runtime import close_runtime, start_runtime
     from zoo_builder.data import DatasetError
     from zoo_builder.logger import make_logger
     from zoo_builder.zoo import Zoo, ZooError
@@ -315,7 +318,7 @@ def train_task(cfg) -> None:
     out = Path(cfg.out)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     model = dict(resolved["model"] or {})
-    logger = None
+    logger = runtime = None
     try:
         name = model.pop("name", None)
         if name not in ("diffusion", "autoencoder"):
@@ -325,23 +328,32 @@ def train_task(cfg) -> None:
         except TypeError as error:
             raise ValueError(f"bad model config: {error}") from None
         zoo = Zoo.open(cfg.path)
-        logger = make_logger(OmegaConf.to_object(cfg.logger), resolved, str(cfg.path), out, job_type="train")
+        runtime = start_runtime(cfg.device, cfg.precision)
+        if runtime.main:
+            logger = make_logger(OmegaConf.to_object(cfg.logger), resolved, str(cfg.path), out, job_type="train")
         log = logger.run.log if logger is not None else None
         if name == "diffusion":
             from generative.generator import train_generator
 
-            measure = measure_on(zoo.dataset, "val", zoo.architecture.kwargs.get("num_heads"), cfg.data_root)
-            path = train_generator(zoo, out, config, measure, cfg.head, cfg.save_every, cfg.progress, log)
+            measure = measure_on(zoo.dataset, "val", zoo.architecture.kwargs.get("num_heads"), cfg.data_root,
+                                 runtime.device)  # fmt: skip
+            path = train_generator(zoo, out, config, measure, cfg.head, cfg.save_every, cfg.progress, log, runtime,
+                                   cfg.sample_every, cfg.sample_n)  # fmt: skip
         else:
-            from generative.hyper import train_autoencoder
+            from generative.hyper import embedding_rows, load_autoencoder, train_autoencoder
 
-            path = train_autoencoder(zoo, out, config, cfg.head, cfg.save_every, cfg.progress, log)
+            path = train_autoencoder(zoo, out, config, cfg.head, cfg.save_every, cfg.progress, log, runtime)
+            if logger is not None:
+                logger.log_report({"autoencoder/embeddings": embedding_rows(load_autoencoder(path))}, {})
     except (ZooError, DatasetError, ValueError) as error:
         fail("train", str(error))
     finally:
         if logger is not None:
             logger.finish()
-    print(f"{name} written to {path} ({path.stat().st_size / 1e6:.2f} MB)")
+        if runtime is not None:
+            close_runtime(runtime)
+    if runtime.main:
+        print(f"{name} written to {path} ({path.stat().st_size / 1e6:.2f} MB)")
 
 
 def demo_task(cfg) -> None:

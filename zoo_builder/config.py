@@ -110,6 +110,10 @@ class TrainConfig:
     head: str = "linear"  # which fine-tunes (one head structure per generator)
     out: str = "runs/generator"
     save_every: int = 500
+    device: str = "auto"  # auto | cpu | cuda (under torchrun each rank takes the GPU of its LOCAL_RANK)
+    precision: str = "fp32"  # fp32 | bf16 (autocast for forward and loss; weights, optimizer and EMA stay fp32)
+    sample_every: int = 500  # diffusion, logger on: steps between sample/val_acc measurements (0: never)
+    sample_n: int = 16  # models drawn for each of them
     threads: Optional[int] = None
     data_root: Optional[str] = None
     progress: bool = True

@@ -8,6 +8,7 @@ model that `timm.create_model(name, **kwargs)` would, with the head swapped.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import timm
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 HEADS = ("linear", "mlp")
+PRECISIONS = ("fp32", "bf16")
 INIT_SCHEMES = ("timm", "torch", "kaiming_normal", "xavier_uniform")
 
 
@@ -103,3 +105,12 @@ def select_device(device: str) -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device={device} asked for but CUDA is not available")
     return torch.device(device)
+
+
+def autocast(device: torch.device, precision: str):
+    """The context for forward passes and losses: bf16 autocast (weights and optimizer state stay fp32), or none."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()

@@ -11,7 +11,6 @@ Shapes: m models, b batch, k outputs, C/H/W image.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +21,7 @@ from zoo_builder.augment import affine_params, augment, epoch_generator
 from zoo_builder.blueprint import Factors
 from zoo_builder.data import info as dataset_info
 from zoo_builder.data import load_split, resize_for
-from zoo_builder.models import Architecture, build_vit
+from zoo_builder.models import PRECISIONS, Architecture, autocast, build_vit
 from zoo_builder.optim import PopulationOptimizer, torch_optimizer
 
 # factors that must agree inside one population (they fix shapes, the data or the optimizer's code path)
@@ -89,7 +88,7 @@ class PopulationTrainer:
     ):
         if mode not in ("vmap", "loop"):
             raise ValueError(f"mode must be vmap or loop, got {mode!r}")
-        if precision not in ("fp32", "bf16"):
+        if precision not in PRECISIONS:
             raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
         keys = {stack_key(f) for f in factors}
         if len(keys) != 1:
@@ -176,9 +175,7 @@ class PopulationTrainer:
         return steps, order, theta, theta2
 
     def _autocast(self):
-        if self.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return autocast(self.device, self.precision)
 
     # ---------------------------------------------------------------------------------------- losses
 

@@ -1,0 +1,112 @@
+"""Where a generative model trains: device, precision, and its processes under torchrun (DDP).
+
+`vitzoo train` is the same script on one CPU core or eight GPUs. Under `torchrun --nproc_per_node=N` (WORLD_SIZE
+> 1 in the environment) `start_runtime` joins the process group (nccl on CUDA, gloo on CPU); every rank draws the
+whole batch of a step from seed and step, as one process does, and computes its contiguous share of it; DDP
+averages the gradients, so the result does not depend on the number of processes beyond the order of float
+reductions. Rank 0 alone writes checkpoints, logs and shows progress.
+
+Precision: "bf16" runs forward passes and losses under torch.autocast; weights, optimizer state and EMA stay fp32.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from zoo_builder.models import PRECISIONS, autocast, select_device
+
+
+@dataclass
+class Runtime:
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    precision: str = "fp32"  # fp32 | bf16
+    rank: int = 0
+    world_size: int = 1
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
+
+    @property
+    def main(self) -> bool:
+        """Whether this process writes checkpoints and logs (rank 0)."""
+        return self.rank == 0
+
+    def share(self, batch_size: int) -> slice:
+        """This rank's rows of a batch: contiguous, so that gathering in rank order gives the batch back."""
+        if batch_size % self.world_size:
+            raise ValueError(f"batch_size {batch_size} does not split evenly across {self.world_size} processes")
+        rows = batch_size // self.world_size
+        return slice(self.rank * rows, (self.rank + 1) * rows)
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """The module to call in training: DDP over the processes, or the model itself in one process."""
+        if self.world_size == 1:
+            return model
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=device_ids)
+
+    def autocast(self):
+        return autocast(self.device, self.precision)
+
+    def mean(self, values: dict[str, float]) -> dict[str, float]:
+        """Scalars averaged over the processes (for logs); every rank must call it."""
+        if self.world_size == 1:
+            return values
+        tensor = torch.tensor(list(values.values()), dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor)
+        return dict(zip(values, (tensor / self.world_size).tolist()))
+
+    def gather(self, value) -> list:
+        """Every rank's `value` (a picklable object), in rank order; every rank must call it."""
+        if self.world_size == 1:
+            return [value]
+        gathered = [None] * self.world_size
+        dist.all_gather_object(gathered, value)
+        return gathered
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def describe(self) -> dict:
+        """What a checkpoint records about how it was trained. fp32 is not recorded, so that fp32 checkpoints keep
+        the bytes they had before precision was a setting (the shipped generator is retrained byte for byte); the
+        number of processes is not recorded, since the result does not depend on it."""
+        return {} if self.precision == "fp32" else {"precision": self.precision}
+
+    def expected(self) -> dict:
+        """What a training state must record for this runtime to continue it (None: nothing recorded, fp32)."""
+        return {"precision": None if self.precision == "fp32" else self.precision}
+
+
+def start_runtime(device: str = "auto", precision: str = "fp32") -> Runtime:
+    """The runtime of this process; under torchrun (WORLD_SIZE > 1) it joins the process group and each rank
+    takes the GPU of its LOCAL_RANK. `close_runtime` leaves it."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
+    if device not in ("auto", "cpu") and not device.startswith("cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
+    chosen = select_device(device)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Runtime(chosen, precision)
+    if chosen.type == "cuda":
+        chosen = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(chosen)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if chosen.type == "cuda" else "gloo")
+    return Runtime(chosen, precision, dist.get_rank(), dist.get_world_size())
+
+
+def close_runtime(runtime: Runtime) -> None:
+    """Leave the process group (nothing to do in one process). The trainings end with a barrier; there is none
+    here, so that a rank that failed does not leave the others waiting (torchrun then stops them all)."""
+    if runtime.world_size > 1 and dist.is_initialized():
+        dist.destroy_process_group()
