@@ -17,7 +17,7 @@ Shapes: n checkpoints, B batch, T tokens, d token width, k latent width, e embed
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -61,7 +61,8 @@ def describe(data: DeltaSet) -> dict:
 
 
 def augmented_views(data: DeltaSet, batch: torch.Tensor, config: AutoencoderConfig, generator, layers):
-    """views [2, B, T, d] (permuted, noisy, masked) and their clean targets [2, B, T, d]."""
+    """views [2, B, n, d] (permuted, noisy, masked), their clean targets [2, B, n, d] and the tokens' positions
+    [B, n]: one random window of `config.window` consecutive tokens per model (None and n = T for window=0)."""
     clean = []
     for _ in range(2):
         rows = []
@@ -72,11 +73,17 @@ def augmented_views(data: DeltaSet, batch: torch.Tensor, config: AutoencoderConf
                 tokens = tokenize(permuted, data.spec, check_finite=False).values
             rows.append(tokens)
         clean.append(torch.stack(rows))
-    clean = torch.stack(clean)
+    clean = torch.stack(clean)  # [2, B, T, d]
     mask = data.mask.float()
+    index = None
+    if config.window > 0:  # drawn after the permutations, so that window=0 draws exactly what it always drew
+        starts = torch.randint(0, len(data.positions) - config.window + 1, (len(batch),), generator=generator)
+        index = starts[:, None] + torch.arange(config.window)  # [B, n]
+        clean = clean[:, torch.arange(len(batch))[:, None], index]  # [2, B, n, d]
+        mask = mask[index]
     noisy = clean + config.noise * torch.randn(clean.shape, generator=generator) * mask
     views = torch.stack([mask_tokens(noisy[v], config.mask_fraction, generator) for v in range(2)])
-    return views, clean
+    return views, clean, index
 
 
 def train_autoencoder(
@@ -108,8 +115,8 @@ def train_autoencoder(
     for step in range(start, config.steps):
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
         batch = torch.randint(0, len(data), (config.batch_size,), generator=generator)
-        views, clean = augmented_views(data, batch, config, generator, layers)
-        loss, logs = model.loss(views, clean)
+        views, clean, index = augmented_views(data, batch, config, generator, layers)
+        loss, logs = model.loss(views, clean, index)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -137,6 +144,8 @@ def load_autoencoder(path: str | Path, zoo: str | None = None) -> AutoencoderBun
     """An autoencoder checkpoint and its training data, rebuilt from its zoo and checked checkpoint by checkpoint."""
     path = Path(path)
     weights, metadata, config = open_checkpoint(path, FORMAT, AutoencoderConfig)
+    if "pooling" not in metadata["config"]:
+        config = replace(config, pooling="mean")  # written before pooling was an option: those pooled the mean
     recorded = metadata["data"]
     spec = TokenSpec.from_dict(metadata["spec"])
     normalizer = Normalizer(**metadata["normalizer"])
@@ -154,7 +163,7 @@ def embeddings(bundle: AutoencoderBundle, batch: int = 64) -> torch.Tensor:
     """[n, e] model-level embeddings of every training checkpoint (no augmentation)."""
     out = []
     for start in range(0, len(bundle.data), batch):
-        out.append(bundle.model.embed(bundle.model.encode(bundle.data.tokens[start : start + batch])))
+        out.append(bundle.model.embed_model(bundle.data.tokens[start : start + batch]))
     return torch.cat(out)
 
 
@@ -173,12 +182,12 @@ def sample_kde(
     for i, entry in enumerate(data.entries):
         last[entry.model_id] = i  # entries are sorted by epoch within a model: the last one wins
     anchors = sorted(last.values(), key=lambda i: -data.conditions[i].val_acc)[: max(1, round(top * len(last)))]
-    latents = bundle.model.encode(data.tokens[anchors])  # [A, T, k]
-    spread = latents.std(dim=0, keepdim=True)  # [1, T, k]
+    latents = bundle.model.encode_model(data.tokens[anchors])  # [A, W, n, k]
+    spread = latents.std(dim=0, keepdim=True)  # [1, W, n, k]
     generator = torch.Generator().manual_seed(seed)
     chosen = torch.randint(len(anchors), (n,), generator=generator)
     noisy = latents[chosen] + bandwidth * spread * torch.randn(n, *latents.shape[1:], generator=generator)
-    tokens = bundle.model.decode(noisy)
+    tokens = bundle.model.decode_model(noisy)  # [n, T, d]
     samples, parents = [], []
     for token_values, a in zip(tokens, chosen.tolist()):
         anchor = data.entries[anchors[a]]
