@@ -1,16 +1,26 @@
 """The hyper-representation: a transformer autoencoder over a model's (delta) weight tokens.
 
-Encoder: token values [B, T, d] -> linear -> + position embedding -> timm `Block`s -> per-token latents
-[B, T, k]. The model-level embedding is the mean of the token latents, projected [B, e]. Decoder: latents ->
-linear -> + position embedding -> timm `Block`s -> token values. Position embeddings are learned per field of
-the tokenizer's positions (segment, block, role, head, row, chunk) and summed, so a token knows which tensor,
-which block, which attention head and which row it holds.
+Encoder: token values [B, n, d] -> linear -> + position embedding -> timm `Block`s -> per-token latents
+[B, n, k]. The embedding pools the token latents over n and projects them [B, e]: `pooling="moments"` pools
+each latent dimension's mean, std and log std, "mean" its mean only. Fine-tuning moves weights by amounts that
+span orders of magnitude (learning rates 1e-4 to 3e-3, SGD and AdamW) and accuracy follows the log of that
+scale, which a mean of signed latents loses and the log std keeps; a linear probe reads it off (README).
+Decoder: latents -> linear -> + position embedding -> timm `Block`s -> token values. Position embeddings are
+learned per field of the tokenizer's positions (segment, block, role, head, row, chunk) and summed, so a token
+knows which tensor, which block, which attention head and which row it holds.
+
+Windows (for models with too many tokens for one sequence): with `window` = w > 0 the encoder and decoder run on
+w consecutive tokens at a time, each token keeping its absolute position embedding. Training draws one random
+window per model and step; a whole model is encoded as the windows starting every `window_stride` tokens (the
+last one ending on the last token), decoded by averaging each token's reconstructions over the windows that hold
+it, and embedded as the mean of its windows' embeddings. `window=0` is one window of all T tokens.
 
 Loss (SANE's recipe): reconstruction MSE over the real (unpadded) values of two augmented views (random
 function-preserving permutation, Gaussian noise, a fraction of tokens zeroed), plus `contrastive_weight` x
 NT-Xent between the two views' embeddings, so that permuted copies of one model embed together.
 
-Shapes: B models, T tokens, d token width, k latent width, e embedding width, P position fields.
+Shapes: B models, T tokens, n tokens of one window (T when window=0), W windows, d token width, k latent width,
+e embedding width, P position fields.
 """
 
 from __future__ import annotations
@@ -37,14 +47,30 @@ class AutoencoderConfig:
     noise: float = 0.02  # augmentation noise, in normalised units
     mask_fraction: float = 0.1
     permute: bool = True
+    pooling: str = "moments"  # moments | mean: how token latents pool into the model embedding
+    window: int = 0  # tokens per window; 0 = the whole sequence
+    window_stride: int = 0  # whole-model encoding: a window starts every this many tokens (0 when window=0)
     steps: int = 600
     batch_size: int = 16
     lr: float = 1e-3
     ema: float = 0.99
     seed: int = 0
 
+    def __post_init__(self):
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling={self.pooling!r} is not one of {', '.join(POOLINGS)}")
+        if self.window < 0:
+            raise ValueError(f"window must be 0 (the whole sequence) or positive, got {self.window}")
+        if self.window == 0 and self.window_stride != 0:
+            raise ValueError("window_stride needs a window > 0")
+        if self.window > 0 and not 0 < self.window_stride <= self.window:
+            raise ValueError(f"window_stride must be in [1, window={self.window}], got {self.window_stride}")
+
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+POOLINGS = {"mean": 1, "moments": 3}  # pooling -> pooled features per latent dimension
 
 
 class PositionEmbedding(nn.Module):
@@ -58,14 +84,18 @@ class PositionEmbedding(nn.Module):
         for table in self.tables:
             nn.init.normal_(table.weight, std=0.02)
 
-    def forward(self) -> torch.Tensor:
-        return sum(table(self.positions[:, i]) for i, table in enumerate(self.tables))  # [T, d_model]
+    def forward(self, index: torch.Tensor | None = None) -> torch.Tensor:
+        """[T, d_model] for every token, or [..., n, d_model] for the tokens at `index` [..., n]."""
+        positions = self.positions if index is None else self.positions[index]  # [..., n, P]
+        return sum(table(positions[..., i]) for i, table in enumerate(self.tables))
 
 
 class HyperAutoencoder(nn.Module):
     def __init__(self, spec: TokenSpec, config: AutoencoderConfig):
         super().__init__()
         assert spec.positions().shape[1] == len(POSITION_FIELDS)
+        if config.window > spec.num_tokens:
+            raise ValueError(f"window={config.window} is longer than the {spec.num_tokens} tokens of a model")
         self.config = config
         self.register_buffer("value_mask", spec.mask().float(), persistent=False)  # [T, d]
         c = config
@@ -74,37 +104,82 @@ class HyperAutoencoder(nn.Module):
         self.encoder = nn.Sequential(*[Block(c.d_model, c.heads) for _ in range(c.depth)])
         self.encoder_norm = nn.LayerNorm(c.d_model)
         self.to_latent = nn.Linear(c.d_model, c.latent)
-        self.to_embedding = nn.Linear(c.latent, c.embedding)
+        self.to_embedding = nn.Linear(POOLINGS[c.pooling] * c.latent, c.embedding)
         self.decoder_in = nn.Linear(c.latent, c.d_model)
         self.decoder_positions = PositionEmbedding(spec.positions(), c.d_model)
         self.decoder = nn.Sequential(*[Block(c.d_model, c.heads) for _ in range(c.depth)])
         self.decoder_norm = nn.LayerNorm(c.d_model)
         self.to_values = nn.Linear(c.d_model, spec.width)
 
-    def encode(self, tokens: torch.Tensor) -> torch.Tensor:
-        """[B, T, d] -> per-token latents [B, T, k]."""
-        x = self.encoder_in(tokens) + self.encoder_positions()
+    def mask(self, index: torch.Tensor | None = None) -> torch.Tensor:
+        """Which values are real (1) or padding (0): [T, d], or [..., n, d] at `index` [..., n]."""
+        return self.value_mask if index is None else self.value_mask[index]
+
+    def encode(self, tokens: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, n, d] -> per-token latents [B, n, k]; `index` [n] or [B, n]: the tokens' positions (None: all T)."""
+        x = self.encoder_in(tokens) + self.encoder_positions(index)
         return self.to_latent(self.encoder_norm(self.encoder(x)))
 
     def embed(self, latents: torch.Tensor) -> torch.Tensor:
-        """Per-token latents [B, T, k] -> model embedding [B, e]."""
-        return self.to_embedding(latents.mean(dim=1))
+        """Per-token latents [B, n, k] -> embedding [B, e]."""
+        pooled = [latents.mean(dim=1)]  # [B, k]
+        if self.config.pooling == "moments":
+            variance = latents.var(dim=1, correction=0)  # [B, k]
+            pooled += [variance.sqrt(), 0.5 * torch.log(variance + 1e-8)]  # var, not std: finite gradients at 0
+        return self.to_embedding(torch.cat(pooled, dim=1))
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Per-token latents [B, T, k] -> token values [B, T, d] (padding positions come out as 0)."""
-        x = self.decoder_in(latents) + self.decoder_positions()
-        return self.to_values(self.decoder_norm(self.decoder(x))) * self.value_mask
+    def decode(self, latents: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-token latents [B, n, k] -> token values [B, n, d] (padding positions come out as 0)."""
+        x = self.decoder_in(latents) + self.decoder_positions(index)
+        return self.to_values(self.decoder_norm(self.decoder(x))) * self.mask(index)
 
-    def reconstruction_loss(self, predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Mean squared error over the real values only."""
-        squared = (predicted - target).pow(2) * self.value_mask
-        return squared.sum() / (self.value_mask.sum() * target.shape[0])
+    def windows(self) -> torch.Tensor:
+        """[W, n] the token positions of the windows that cover a whole model ([1, T] for window=0)."""
+        num_tokens = self.value_mask.shape[0]
+        w, stride = self.config.window or num_tokens, self.config.window_stride or num_tokens
+        starts = list(range(0, num_tokens - w + 1, stride))
+        if starts[-1] != num_tokens - w:
+            starts.append(num_tokens - w)  # the last window ends on the last token
+        return torch.tensor(starts)[:, None] + torch.arange(w)
 
-    def loss(self, views: torch.Tensor, clean: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        """views [2, B, T, d] (augmented inputs), clean [2, B, T, d] (their unmasked, noise-free targets)."""
+    def encode_model(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Whole models [B, T, d] -> latents of every window [B, W, n, k]."""
+        if self.config.window == 0:
+            return self.encode(tokens)[:, None]  # exactly the unwindowed encoder
+        return torch.stack([self.encode(tokens[:, index], index) for index in self.windows()], dim=1)
+
+    def embed_model(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Whole models [B, T, d] -> model embeddings [B, e], the mean of the windows' embeddings."""
+        latents = self.encode_model(tokens)  # [B, W, n, k]
+        return self.embed(latents.flatten(0, 1)).view(*latents.shape[:2], -1).mean(dim=1)
+
+    def decode_model(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents of every window [B, W, n, k] -> whole models [B, T, d], each token averaged over its windows."""
+        if self.config.window == 0:
+            return self.decode(latents[:, 0])
+        total = torch.zeros(latents.shape[0], *self.value_mask.shape, device=latents.device)  # [B, T, d]
+        count = torch.zeros(self.value_mask.shape[0], 1, device=latents.device)  # [T, 1]
+        for w, index in enumerate(self.windows()):
+            total[:, index] += self.decode(latents[:, w], index)
+            count[index] += 1
+        return total / count
+
+    def reconstruction_loss(
+        self, predicted: torch.Tensor, target: torch.Tensor, index: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Mean squared error over the real values only; predicted, target [B, n, d]."""
+        mask = self.mask(index).expand_as(target)
+        return ((predicted - target).pow(2) * mask).sum() / mask.sum()
+
+    def loss(
+        self, views: torch.Tensor, clean: torch.Tensor, index: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """views [2, B, n, d] (augmented inputs), clean [2, B, n, d] (their unmasked, noise-free targets); index
+        [B, n]: each model's window (both views share it), None for all T tokens."""
         two, b = views.shape[:2]
-        latents = self.encode(views.flatten(0, 1))  # [2B, T, k]
-        reconstruction = self.reconstruction_loss(self.decode(latents), clean.flatten(0, 1))
+        both = None if index is None else index.repeat(two, 1)  # [2B, n]
+        latents = self.encode(views.flatten(0, 1), both)  # [2B, n, k]
+        reconstruction = self.reconstruction_loss(self.decode(latents, both), clean.flatten(0, 1), both)
         embeddings = self.embed(latents).view(two, b, -1)
         temperature = torch.tensor(self.config.temperature, device=views.device)
         contrastive, correct = info_nce(embeddings[0], embeddings[1], temperature)
@@ -119,11 +194,11 @@ class HyperAutoencoder(nn.Module):
 
 
 def reconstruction_error(model: HyperAutoencoder, tokens: torch.Tensor, batch: int = 64) -> torch.Tensor:
-    """Per-model MSE of encode -> decode, no augmentation [n]."""
+    """Per-model MSE of whole-model encode -> decode over every real value, no augmentation [B]."""
     errors = []
     with torch.no_grad():
         for start in range(0, len(tokens), batch):
             x = tokens[start : start + batch]
-            squared = (model.decode(model.encode(x)) - x).pow(2) * model.value_mask
+            squared = (model.decode_model(model.encode_model(x)) - x).pow(2) * model.value_mask
             errors.append(squared.sum(dim=(1, 2)) / model.value_mask.sum())
     return torch.cat(errors)

@@ -17,7 +17,7 @@ Shapes: n checkpoints, B batch, T tokens, d token width, k latent width, e embed
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -65,7 +65,8 @@ def describe(data: DeltaSet) -> dict:
 
 
 def augmented_views(data: DeltaSet, batch: torch.Tensor, config: AutoencoderConfig, generator, layers):
-    """views [2, B, T, d] (permuted, noisy, masked) and their clean targets [2, B, T, d]."""
+    """views [2, B, n, d] (permuted, noisy, masked), their clean targets [2, B, n, d] and the tokens' positions
+    [B, n]: one random window of `config.window` consecutive tokens per model (None and n = T for window=0)."""
     clean = []
     for _ in range(2):
         rows = []
@@ -76,11 +77,17 @@ def augmented_views(data: DeltaSet, batch: torch.Tensor, config: AutoencoderConf
                 tokens = tokenize(permuted, data.spec, check_finite=False).values
             rows.append(tokens)
         clean.append(torch.stack(rows))
-    clean = torch.stack(clean)
+    clean = torch.stack(clean)  # [2, B, T, d]
     mask = data.mask.float()
+    index = None
+    if config.window > 0:  # drawn after the permutations, so that window=0 draws exactly what it always drew
+        starts = torch.randint(0, len(data.positions) - config.window + 1, (len(batch),), generator=generator)
+        index = starts[:, None] + torch.arange(config.window)  # [B, n]
+        clean = clean[:, torch.arange(len(batch))[:, None], index]  # [2, B, n, d]
+        mask = mask[index]
     noisy = clean + config.noise * torch.randn(clean.shape, generator=generator) * mask
     views = torch.stack([mask_tokens(noisy[v], config.mask_fraction, generator) for v in range(2)])
-    return views, clean
+    return views, clean, index
 
 
 class AutoencoderObjective(nn.Module):
@@ -94,13 +101,17 @@ class AutoencoderObjective(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, views: torch.Tensor, clean: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        """views, clean [2, B/W, T, d]: this rank's share of the two augmented views and their targets. Returns the
-        loss to back-propagate and the logs (whole-batch contrastive terms, this rank's reconstruction)."""
+    def forward(
+        self, views: torch.Tensor, clean: torch.Tensor, index: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """views, clean [2, B/W, n, d]: this rank's share of the two augmented views and their targets; index
+        [B/W, n]: each model's window (None: all T tokens). Returns the loss to back-propagate and the logs
+        (whole-batch contrastive terms, this rank's reconstruction)."""
         model, config = self.model, self.model.config
         two, b = views.shape[:2]
-        latents = model.encode(views.flatten(0, 1))  # [2B/W, T, k]
-        reconstruction = model.reconstruction_loss(model.decode(latents), clean.flatten(0, 1))
+        both = None if index is None else index.repeat(two, 1)  # [2B/W, n]
+        latents = model.encode(views.flatten(0, 1), both)  # [2B/W, n, k]
+        reconstruction = model.reconstruction_loss(model.decode(latents, both), clean.flatten(0, 1), both)
         embeddings = model.embed(latents).view(two, b, -1)  # [2, B/W, e]
         world = dist.get_world_size() if dist.is_initialized() else 1
         if world > 1:
@@ -162,9 +173,10 @@ def train_autoencoder(
         # the whole batch and its augmentations, drawn on the CPU from seed and step (the same on every rank)
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
         batch = torch.randint(0, len(data), (config.batch_size,), generator=generator)
-        views, clean = augmented_views(data, batch, config, generator, layers)  # [2, B, T, d] each
+        views, clean, index = augmented_views(data, batch, config, generator, layers)  # [2, B, n, d], [B, n]
+        index = None if index is None else index[part].to(runtime.device)
         with runtime.autocast():
-            loss, logs = objective(views[:, part].to(runtime.device), clean[:, part].to(runtime.device))
+            loss, logs = objective(views[:, part].to(runtime.device), clean[:, part].to(runtime.device), index)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -213,6 +225,8 @@ def load_autoencoder(path: str | Path, zoo: str | None = None) -> AutoencoderBun
     """An autoencoder checkpoint and its training data, rebuilt from its zoo and checked checkpoint by checkpoint."""
     path = Path(path)
     weights, metadata, config = open_checkpoint(path, FORMAT, AutoencoderConfig)
+    if "pooling" not in metadata["config"]:
+        config = replace(config, pooling="mean")  # written before pooling was an option: those pooled the mean
     recorded = metadata["data"]
     spec = TokenSpec.from_dict(metadata["spec"])
     normalizer = Normalizer(**metadata["normalizer"])
@@ -230,7 +244,7 @@ def embeddings(bundle: AutoencoderBundle, batch: int = 64) -> torch.Tensor:
     """[n, e] model-level embeddings of every training checkpoint (no augmentation)."""
     out = []
     for start in range(0, len(bundle.data), batch):
-        out.append(bundle.model.embed(bundle.model.encode(bundle.data.tokens[start : start + batch])))
+        out.append(bundle.model.embed_model(bundle.data.tokens[start : start + batch]))
     return torch.cat(out)
 
 
@@ -249,12 +263,12 @@ def sample_kde(
     for i, entry in enumerate(data.entries):
         last[entry.model_id] = i  # entries are sorted by epoch within a model: the last one wins
     anchors = sorted(last.values(), key=lambda i: -data.conditions[i].val_acc)[: max(1, round(top * len(last)))]
-    latents = bundle.model.encode(data.tokens[anchors])  # [A, T, k]
-    spread = latents.std(dim=0, keepdim=True)  # [1, T, k]
+    latents = bundle.model.encode_model(data.tokens[anchors])  # [A, W, n, k]
+    spread = latents.std(dim=0, keepdim=True)  # [1, W, n, k]
     generator = torch.Generator().manual_seed(seed)
     chosen = torch.randint(len(anchors), (n,), generator=generator)
     noisy = latents[chosen] + bandwidth * spread * torch.randn(n, *latents.shape[1:], generator=generator)
-    tokens = bundle.model.decode(noisy)
+    tokens = bundle.model.decode_model(noisy)  # [n, T, d]
     samples, parents = [], []
     for token_values, a in zip(tokens, chosen.tolist()):
         anchor = data.entries[anchors[a]]

@@ -4,14 +4,17 @@ import pytest
 import torch
 from conftest import run_cli
 
+from generative.autoencoder import AutoencoderConfig, HyperAutoencoder, reconstruction_error
 from generative.data import DeltaSet
 from generative.diffusion import DiffusionConfig
 from generative.family import FamilyBasis
 from generative.generator import ConditionError, load_generator, sample, train_generator
+from generative.hyper import embeddings, load_autoencoder, train_autoencoder
 from zoo_builder import Zoo
 from zoo_builder.zoo import ZooError, write_sampled
 
 TINY = DiffusionConfig(d_model=16, depth=1, heads=2, mixtures=24, steps=12, batch_size=16)
+TINY_AUTOENCODER = dict(d_model=16, depth=1, heads=2, latent=4, embedding=8, batch_size=4)
 
 
 @pytest.fixture(scope="module")
@@ -154,3 +157,87 @@ def test_cli_trains_both_models_and_samples_and_probes_the_autoencoder(tmp_path)
     assert "| test accuracy | R2 |" in probe.stdout and (tmp_path / "probe" / "results.json").exists()
     bad = run_cli("train", "bundled", "model=autoencoder", "+model.bogus=1", f"out={tmp_path / 'y'}", check=False)
     assert bad.returncode == 2 and "bogus" in bad.stderr
+
+
+@pytest.fixture(scope="module")
+def deltas():
+    return DeltaSet(Zoo.open("bundled"))
+
+
+def tiny_autoencoder(spec, **overrides) -> HyperAutoencoder:
+    torch.manual_seed(0)
+    return HyperAutoencoder(spec, AutoencoderConfig(**TINY_AUTOENCODER, **overrides)).eval()
+
+
+def test_autoencoder_decodes_whole_models_from_overlapping_windows(deltas):
+    model = tiny_autoencoder(deltas.spec, window=100, window_stride=60)
+    windows = model.windows()  # starts 0, 60, ..., 360 and 370 (the last window ends on token 469)
+    assert windows.shape == (8, 100) and windows[-1, -1] == 469 and windows[-1, 0] == 370
+    tokens = deltas.tokens[:3]  # [3, 470, 25]
+    with torch.no_grad():
+        latents = model.encode_model(tokens)
+        decoded = model.decode_model(latents)
+        assert latents.shape == (3, 8, 100, 4) and decoded.shape == tokens.shape
+        # token 70 lies in the windows starting at 0 and 60: the mean of their two reconstructions
+        first, second = model.decode(latents[:, 0], windows[0]), model.decode(latents[:, 1], windows[1])
+        torch.testing.assert_close(decoded[:, 70], (first[:, 70] + second[:, 10]) / 2, rtol=0, atol=0)
+        assert (decoded[:, ~deltas.mask.any(dim=1)] == 0).all() and (decoded != 0).any(dim=2).all()
+        error = reconstruction_error(model, tokens)
+        every_value = ((decoded - tokens).pow(2) * deltas.mask).sum(dim=(1, 2)) / deltas.mask.sum()
+        torch.testing.assert_close(error, every_value)
+        changed = tokens.clone()
+        changed[:, -1] += 1.0  # the last token: only the last window holds it
+        assert (reconstruction_error(model, changed) != error).all()
+        per_window = torch.stack([model.embed(model.encode(tokens[:, w], w)) for w in windows], dim=1)
+        torch.testing.assert_close(model.embed_model(tokens), per_window.mean(dim=1))
+
+
+@pytest.mark.parametrize("pooling", ["mean", "moments"])
+def test_autoencoder_window_zero_is_the_whole_sequence(deltas, pooling):
+    whole = tiny_autoencoder(deltas.spec, pooling=pooling)
+    one_window = tiny_autoencoder(deltas.spec, pooling=pooling, window=470, window_stride=470)
+    one_window.load_state_dict(whole.state_dict())
+    tokens = deltas.tokens[:4]
+    with torch.no_grad():
+        latents = whole.encode(tokens)  # the unwindowed encoder and decoder
+        assert torch.equal(whole.encode_model(tokens), latents[:, None])
+        assert torch.equal(whole.decode_model(latents[:, None]), whole.decode(latents))
+        assert torch.equal(whole.embed_model(tokens), whole.embed(latents))
+        assert torch.equal(one_window.encode_model(tokens), latents[:, None])
+        assert torch.equal(one_window.decode_model(latents[:, None]), whole.decode(latents))
+        assert torch.equal(reconstruction_error(one_window, tokens), reconstruction_error(whole, tokens))
+        views = torch.stack([tokens, tokens.flip(0)])
+        index = torch.arange(470).expand(4, 470)
+        assert torch.equal(whole.loss(views, views)[0], one_window.loss(views, views, index)[0])
+
+
+def test_windowed_autoencoder_training_resumes_exactly(tmp_path, monkeypatch):
+    zoo = Zoo.open("bundled")
+    config = AutoencoderConfig(**TINY_AUTOENCODER, steps=4, window=64, window_stride=32)
+    whole = train_autoencoder(zoo, tmp_path / "whole", config, save_every=2, progress=False)
+
+    import generative.hyper as module
+
+    original = module.save_training_state
+
+    def crash_after_one_write(*args):
+        original(*args)
+        raise KeyboardInterrupt  # killed after step 2 was saved
+
+    monkeypatch.setattr(module, "save_training_state", crash_after_one_write)
+    with pytest.raises(KeyboardInterrupt):
+        train_autoencoder(zoo, tmp_path / "resumed", config, save_every=2, progress=False)
+    monkeypatch.setattr(module, "save_training_state", original)
+    resumed = train_autoencoder(zoo, tmp_path / "resumed", config, save_every=2, progress=False)
+    assert whole.read_bytes() == resumed.read_bytes()
+    bundle = load_autoencoder(whole)
+    assert bundle.model.windows().shape == (14, 64) and embeddings(bundle).shape == (300, 8)
+
+
+def test_autoencoder_config_refuses_bad_windows_and_poolings(deltas):
+    for bad in ({"window": -1}, {"window_stride": 4}, {"window": 8}, {"window": 8, "window_stride": 9},
+                {"pooling": "max"}):  # fmt: skip
+        with pytest.raises(ValueError):
+            AutoencoderConfig(**bad)
+    with pytest.raises(ValueError, match="longer than the 470 tokens"):
+        HyperAutoencoder(deltas.spec, AutoencoderConfig(window=471, window_stride=1))

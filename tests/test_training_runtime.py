@@ -4,6 +4,7 @@ the result, autoencoder embeddings for W&B."""
 import math
 import os
 import socket
+from dataclasses import replace
 
 import pytest
 import torch
@@ -29,16 +30,18 @@ def fake_measure(state_dicts):
     return [float(sd["head.weight"].mean()) for sd in state_dicts]
 
 
-def test_objective_computes_exactly_the_models_loss_in_one_process():
+@pytest.mark.parametrize("window", [0, 64])
+def test_objective_computes_exactly_the_models_loss_in_one_process(window):
     from generative.data import DeltaSet
 
     data = DeltaSet(Zoo.open("bundled"))
+    config = replace(AUTOENCODER, window=window, window_stride=window // 2)
     torch.manual_seed(0)
-    model = HyperAutoencoder(data.spec, AUTOENCODER)
+    model = HyperAutoencoder(data.spec, config)
     layers = permutable_layers(detokenize(data.tokens[0], data.spec), data.num_heads)
-    views, clean = augmented_views(data, torch.arange(4), AUTOENCODER, torch.Generator().manual_seed(0), layers)
-    loss, logs = model.loss(views, clean)
-    objective_loss, objective_logs = AutoencoderObjective(model)(views, clean)
+    views, clean, index = augmented_views(data, torch.arange(4), config, torch.Generator().manual_seed(0), layers)
+    loss, logs = model.loss(views, clean, index)
+    objective_loss, objective_logs = AutoencoderObjective(model)(views, clean, index)
     assert torch.equal(loss, objective_loss) and logs == objective_logs
 
 
