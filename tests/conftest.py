@@ -6,7 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
-torch.set_num_threads(2)  # two torch processes on two cores halve each other: keep tests in one
+# Two cores: with pytest-xdist's two workers (pyproject's addopts) each worker gets one torch thread; run alone
+# (-n 0), a test process gets both. CLI tests run their subprocess with one thread either way (run_cli).
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 REPO = Path(__file__).resolve().parent.parent
 
