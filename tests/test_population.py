@@ -60,8 +60,9 @@ def test_vmap_population_matches_per_model_loop(optimizer, objective):
     assert not torch.equal(first["blocks.0.attn.qkv.weight"], second["blocks.0.attn.qkv.weight"])
     got, want = population.evaluate("val").values, loop.evaluate("val").values
     torch.testing.assert_close(torch.tensor(got["val_loss"]), torch.tensor(want["val_loss"]), rtol=1e-4, atol=1e-5)
-    # accuracies may differ by a near-tie or two among the ~500 scored predictions
-    torch.testing.assert_close(torch.tensor(got["val_acc"]), torch.tensor(want["val_acc"]), rtol=0, atol=0.01)
+    # accuracies may differ by a few near-ties among the ~500 scored predictions (contrastive ranks have many;
+    # which ones flip depends on float summation order, e.g. the number of torch threads): the losses above agree
+    torch.testing.assert_close(torch.tensor(got["val_acc"]), torch.tensor(want["val_acc"]), rtol=0, atol=0.02)
 
 
 def test_models_in_a_population_are_independent():
@@ -71,8 +72,13 @@ def test_models_in_a_population_are_independent():
     crowd = make_trainer([Factors(seed=s, lr=lr, **base) for s, lr in [(0, 1e-2), (3, 2e-3), (5, 1e-4)]], "vmap")
     alone.train_epoch(1)
     crowd.train_epoch(1)
+    dim = ARCH.kwargs["embed_dim"]
+    q_and_v = torch.cat([torch.arange(dim), torch.arange(2 * dim, 3 * dim)])  # the key bias: see the test above
     for key, value in alone.state_dicts()[0].items():
-        torch.testing.assert_close(crowd.state_dicts()[1][key], value, rtol=1e-5, atol=1e-6)
+        got = crowd.state_dicts()[1][key]
+        if key.endswith("attn.qkv.bias"):
+            got, value = got[q_and_v], value[q_and_v]
+        torch.testing.assert_close(got, value, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("mode", ["vmap", "loop"])
