@@ -26,6 +26,7 @@ e embedding width, P position fields.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import torch
 from timm.models.vision_transformer import Block
@@ -172,15 +173,24 @@ class HyperAutoencoder(nn.Module):
         return ((predicted - target).pow(2) * mask).sum() / mask.sum()
 
     def loss(
-        self, views: torch.Tensor, clean: torch.Tensor, index: torch.Tensor | None = None
+        self,
+        views: torch.Tensor,
+        clean: torch.Tensor,
+        index: torch.Tensor | None = None,
+        gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """views [2, B, n, d] (augmented inputs), clean [2, B, n, d] (their unmasked, noise-free targets); index
-        [B, n]: each model's window (both views share it), None for all T tokens."""
+        [B, n]: each model's window (both views share it), None for all T tokens. `gather` turns these views'
+        embeddings [2, B, e] into those of a larger batch that holds them (data-parallel training: every rank's
+        share), so that NT-Xent draws its negatives from the whole batch."""
         two, b = views.shape[:2]
         both = None if index is None else index.repeat(two, 1)  # [2B, n]
         latents = self.encode(views.flatten(0, 1), both)  # [2B, n, k]
         reconstruction = self.reconstruction_loss(self.decode(latents, both), clean.flatten(0, 1), both)
         embeddings = self.embed(latents).view(two, b, -1)
+        if gather is not None:
+            embeddings = gather(embeddings)
+            b = embeddings.shape[1]
         temperature = torch.tensor(self.config.temperature, device=views.device)
         contrastive, correct = info_nce(embeddings[0], embeddings[1], temperature)
         w = self.config.contrastive_weight

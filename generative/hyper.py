@@ -41,7 +41,6 @@ from tokenizer.normalize import Normalizer
 from tokenizer.spec import TokenSpec
 from tokenizer.symmetries import permutable_layers, random_permutation
 from tokenizer.tokens import detokenize, tokenize
-from zoo_builder.population import info_nce
 from zoo_builder.zoo import Zoo, ZooError
 
 FORMAT = "vitzoo-autoencoder-1"
@@ -94,8 +93,7 @@ class AutoencoderObjective(nn.Module):
     """`HyperAutoencoder.loss` as a module DDP can wrap, with the NT-Xent negatives gathered from every rank.
 
     Each rank reconstructs its share of the batch; the contrastive term sees the whole batch's embeddings, as one
-    process would, so the result does not depend on the number of processes. In one process it computes exactly
-    what `model.loss` computes (tested)."""
+    process would, so the result does not depend on the number of processes. In one process it is `model.loss`."""
 
     def __init__(self, model: HyperAutoencoder):
         super().__init__()
@@ -105,35 +103,34 @@ class AutoencoderObjective(nn.Module):
         self, views: torch.Tensor, clean: torch.Tensor, index: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """views, clean [2, B/W, n, d]: this rank's share of the two augmented views and their targets; index
-        [B/W, n]: each model's window (None: all T tokens). Returns the loss to back-propagate and the logs
-        (whole-batch contrastive terms, this rank's reconstruction)."""
-        model, config = self.model, self.model.config
-        two, b = views.shape[:2]
-        both = None if index is None else index.repeat(two, 1)  # [2B/W, n]
-        latents = model.encode(views.flatten(0, 1), both)  # [2B/W, n, k]
-        reconstruction = model.reconstruction_loss(model.decode(latents, both), clean.flatten(0, 1), both)
-        embeddings = model.embed(latents).view(two, b, -1)  # [2, B/W, e]
+        [B/W, n]: each model's window (None: all T tokens). Returns the loss and the logs (whole-batch
+        contrastive terms, this rank's reconstruction)."""
         world = dist.get_world_size() if dist.is_initialized() else 1
-        if world > 1:
-            # [2, B, e] in batch order (ranks hold contiguous shares); only this rank's share carries gradients
-            shares = [torch.empty_like(embeddings) for _ in range(world)]
-            dist.all_gather(shares, embeddings.detach().contiguous())
-            shares[dist.get_rank()] = embeddings
-            embeddings = torch.cat(shares, dim=1)
-            b = embeddings.shape[1]
-        temperature = torch.tensor(config.temperature, device=views.device)
-        contrastive, correct = info_nce(embeddings[0], embeddings[1], temperature)
-        w = config.contrastive_weight
-        total = (1 - w) * reconstruction + w * contrastive
-        # every rank computes the same NT-Xent but back-propagates into its own share only, and DDP averages the
-        # gradients over the W ranks: the contrastive term is back-propagated W times as strong to make up for it
-        backward = total if world == 1 else (1 - w) * reconstruction + (w * world) * contrastive
-        return backward, {
-            "loss": total.item(),
-            "reconstruction": reconstruction.item(),
-            "contrastive": contrastive.item(),
-            "view_match": correct.item() / (2 * b),
-        }
+        return self.model.loss(views, clean, index, gather=_gather_shares if world > 1 else None)
+
+
+def _gather_shares(embeddings: torch.Tensor) -> torch.Tensor:
+    """This rank's embeddings [2, B/W, e] -> the whole batch's [2, B, e] (ranks hold contiguous shares, so it is
+    batch order). Only this rank's share carries gradients: every rank computes the same NT-Xent but back-propagates
+    into its own share, and DDP then averages over the W ranks, so that share's gradient is scaled by W."""
+    world = dist.get_world_size()
+    shares = [torch.empty_like(embeddings) for _ in range(world)]
+    dist.all_gather(shares, embeddings.detach().contiguous())
+    shares[dist.get_rank()] = _ScaleGradient.apply(embeddings, float(world))
+    return torch.cat(shares, dim=1)
+
+
+class _ScaleGradient(torch.autograd.Function):
+    """Identity forward; the gradient times `scale` backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, gradient: torch.Tensor):
+        return gradient * ctx.scale, None
 
 
 def train_autoencoder(

@@ -31,8 +31,11 @@ def fake_measure(state_dicts):
 
 
 @pytest.mark.parametrize("window", [0, 64])
-def test_objective_computes_exactly_the_models_loss_in_one_process(window):
+def test_loss_draws_negatives_from_the_gathered_batch(window):
+    """What data-parallel training relies on: NT-Xent over the gathered embeddings of every rank's share, the
+    reconstruction over this share only, and the share's gradient scaled by the number of ranks."""
     from generative.data import DeltaSet
+    from generative.hyper import _ScaleGradient
 
     data = DeltaSet(Zoo.open("bundled"))
     config = replace(AUTOENCODER, window=window, window_stride=window // 2)
@@ -40,9 +43,13 @@ def test_objective_computes_exactly_the_models_loss_in_one_process(window):
     model = HyperAutoencoder(data.spec, config)
     layers = permutable_layers(detokenize(data.tokens[0], data.spec), data.num_heads)
     views, clean, index = augmented_views(data, torch.arange(4), config, torch.Generator().manual_seed(0), layers)
-    loss, logs = model.loss(views, clean, index)
-    objective_loss, objective_logs = AutoencoderObjective(model)(views, clean, index)
-    assert torch.equal(loss, objective_loss) and logs == objective_logs
+    _, alone = AutoencoderObjective(model)(views, clean, index)  # one process: the model's own loss
+    others = torch.randn(2, 4, config.embedding)  # another rank's share of embeddings
+    _, gathered = model.loss(views, clean, index, gather=lambda e: torch.cat([e, others], dim=1))
+    assert gathered["reconstruction"] == alone["reconstruction"] and gathered["contrastive"] != alone["contrastive"]
+    x = torch.ones(3, requires_grad=True)
+    _ScaleGradient.apply(x, 4.0).sum().backward()
+    assert torch.equal(x.grad, torch.full((3,), 4.0))
 
 
 def test_bf16_autoencoder_training_has_finite_losses_and_fp32_weights(tmp_path):
