@@ -52,6 +52,7 @@ class FamilyBasis:
         self._parents = parent_states(zoo, [members[0] for members in self.members])
         self._cache: OrderedDict[int, FamilyWeights] = OrderedDict()
         self._cache_bytes = cache_bytes
+        self._checked: set[int] = set()  # families whose members were checked to share their start
         gram = []
         for family in range(self.num_families):
             start, runs = self._weights(family)
@@ -67,8 +68,10 @@ class FamilyBasis:
             return self._cache[family]
         members = self.members[family]
         start = family_start(self._zoo, members[0], self._parents)
-        for member in members[1:]:
-            _check_same_start(self._zoo, members[0], member, start)
+        if family not in self._checked:  # once: a family read again after eviction was checked already
+            for member in members[1:]:
+                _check_same_start(self._zoo, members[0], member, start)
+            self._checked.add(family)
         weights = [m.state_dict() for m in members]
         runs = {k: torch.stack([w[k] for w in weights]) for k in start}
         self._cache[family] = (start, runs)

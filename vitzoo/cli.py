@@ -370,7 +370,8 @@ def demo_task(cfg) -> None:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    (run_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.to_container(cfg, resolve=True)))
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    (run_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(resolved))
     try:
         zoo = Zoo.open(cfg.path)
         device = select_device(cfg.device)
@@ -378,7 +379,6 @@ def demo_task(cfg) -> None:
         from generative.generator import BUNDLED_GENERATOR
 
         summary = run_demo(cfg, BUNDLED_GENERATOR, measure, device)
-        resolved = OmegaConf.to_container(cfg, resolve=True)
         logger = make_logger(OmegaConf.to_object(cfg.logger), resolved, str(cfg.path), Path(cfg.out), job_type="demo")
         if logger is not None:
             out = Path(cfg.out)
