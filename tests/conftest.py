@@ -56,6 +56,19 @@ def run_cli(
     return result
 
 
+def offline_run_bytes(directory: Path) -> bytes:
+    """The record of the one offline W&B run under `directory`.
+
+    `run.finish()` returns before W&B's service process has necessarily flushed the run's file; `wandb.teardown()`
+    waits for the service to write everything (a busy machine showed a header-only file without it).
+    """
+    import wandb
+
+    wandb.teardown()
+    (run,) = list((Path(directory) / "wandb").glob("offline-run-*/run-*.wandb"))
+    return run.read_bytes()
+
+
 @pytest.fixture(scope="session")
 def tiny_zoo(tmp_path_factory):
     from zoo_builder import Zoo

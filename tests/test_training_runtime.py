@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import offline_run_bytes, run_cli
 
 from generative.autoencoder import AutoencoderConfig, HyperAutoencoder
 from generative.checkpoint import read_checkpoint
@@ -106,8 +106,7 @@ def test_autoencoder_embeddings_are_logged_as_a_table(tmp_path):
         logger.log_report({"autoencoder/embeddings": rows}, {})
     finally:
         logger.finish()
-    (run,) = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
-    assert b"autoencoder/embeddings" in run.read_bytes()
+    assert b"autoencoder/embeddings" in offline_run_bytes(tmp_path)
 
 
 # ------------------------------------------------------------------------------------------------------ DDP
