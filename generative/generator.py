@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -39,7 +40,7 @@ from generative.diffusion import (
     schedulers,
 )
 from generative.family import FamilyBasis
-from generative.runtime import Runtime
+from generative.runtime import Runtime, StepClock
 from zoo_builder.zoo import Zoo, ZooError
 
 FORMAT = "vitzoo-generator-1"
@@ -158,6 +159,7 @@ def train_generator(
     `sample_every` steps (0: never) `sample_n` models drawn from the EMA weights are measured by `measure`
     (validation accuracy) and logged as `sample/val_acc`; the draws use their own generators, so logging does
     not change the trained weights."""
+    preparing_since = time.perf_counter()
     runtime = runtime or Runtime()
     out.mkdir(parents=True, exist_ok=True)
     basis = FamilyBasis(zoo, head)
@@ -184,6 +186,7 @@ def train_generator(
     from tqdm.auto import tqdm
 
     bar = tqdm(total=config.steps, initial=start, desc="train diffusion", disable=not (progress and runtime.main))
+    clock = StepClock(config.batch_size, preparing_since)
     for step in range(start, config.steps):
         # the whole batch drawn on the CPU from seed and step (the same on every rank); this rank computes `part`
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
@@ -196,11 +199,13 @@ def train_generator(
         optimizer.step()
         update_ema(ema, model, config.ema)
         bar.update(1)
+        clock.tick()
         last = step == config.steps - 1
         if step % 50 == 0 or last:
             logs = runtime.mean({"loss": loss.item()})  # a collective: every rank takes part, rank 0 logs
             if log is not None and runtime.main:
-                log({"step": step, "train/loss": logs["loss"], "train/lr": optimizer.param_groups[0]["lr"]})
+                log({"step": step, "train/loss": logs["loss"], "train/lr": optimizer.param_groups[0]["lr"],
+                     "train/steps_per_second": clock.steps_per_second()})  # fmt: skip
         if log is not None and runtime.main and sample_every > 0 and ((step + 1) % sample_every == 0 or last):
             current = Generator(config, basis, copy.deepcopy(ema).cpu().eval(), stats)
             log({"step": step, "sample/val_acc": sample_accuracy(current, measure, sample_n, config.seed)})
@@ -211,6 +216,7 @@ def train_generator(
         metadata = {"format": FORMAT, "config": config.to_dict(), "basis": basis.describe(), "stats": stats,
                     "architecture": basis.architecture.to_dict(), **runtime.describe()}  # fmt: skip
         write_checkpoint(out / "generator.safetensors", ema.state_dict(), metadata)
+        clock.write(out / "timing.json")
     runtime.barrier()  # no rank returns before the checkpoint is written
     return out / "generator.safetensors"
 

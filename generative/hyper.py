@@ -17,6 +17,7 @@ Shapes: n checkpoints, B batch, T tokens, d token width, k latent width, e embed
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -35,7 +36,7 @@ from generative.checkpoint import (
 )
 from generative.data import DeltaSet
 from generative.generator import ConditionError
-from generative.runtime import Runtime
+from generative.runtime import Runtime, StepClock
 from tokenizer.dataset import mask_tokens
 from tokenizer.normalize import Normalizer
 from tokenizer.spec import TokenSpec
@@ -147,6 +148,7 @@ def train_autoencoder(
 
     runtime: device, precision and processes (generative/runtime.py); None is one process on the CPU in fp32.
     Under torchrun every rank calls this; rank 0 writes the files and calls `log`."""
+    preparing_since = time.perf_counter()
     runtime = runtime or Runtime()
     out.mkdir(parents=True, exist_ok=True)
     data = DeltaSet(zoo, head)
@@ -166,6 +168,7 @@ def train_autoencoder(
     from tqdm.auto import tqdm
 
     bar = tqdm(total=config.steps, initial=start, desc="train autoencoder", disable=not (progress and runtime.main))
+    clock = StepClock(config.batch_size, preparing_since)
     for step in range(start, config.steps):
         # the whole batch and its augmentations, drawn on the CPU from seed and step (the same on every rank)
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
@@ -180,11 +183,13 @@ def train_autoencoder(
         update_ema(ema, model, config.ema)
         bar.update(1)
         bar.set_postfix(reconstruction=f"{logs['reconstruction']:.3f}")
+        clock.tick()
         if step % 25 == 0 or step == config.steps - 1:
             logs = runtime.mean(logs)  # a collective: every rank takes part, rank 0 logs
             if log is not None and runtime.main:
                 lr = optimizer.param_groups[0]["lr"]
-                log({"step": step, **{f"train/{k}": v for k, v in logs.items()}, "train/lr": lr})
+                log({"step": step, **{f"train/{k}": v for k, v in logs.items()}, "train/lr": lr,
+                     "train/steps_per_second": clock.steps_per_second()})  # fmt: skip
         if runtime.main and ((step + 1) % save_every == 0 or step + 1 == config.steps):
             save_training_state(state_path, model, ema, optimizer, {"step": step + 1, **described})
     bar.close()
@@ -198,6 +203,7 @@ def train_autoencoder(
             **runtime.describe(),
         }
         write_checkpoint(out / "autoencoder.safetensors", ema.state_dict(), metadata)
+        clock.write(out / "timing.json")
     runtime.barrier()  # no rank returns before the checkpoint is written
     return out / "autoencoder.safetensors"
 

@@ -11,8 +11,11 @@ Precision: "bf16" runs forward passes and losses under torch.autocast; weights, 
 
 from __future__ import annotations
 
+import json
 import os
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -84,6 +87,45 @@ class Runtime:
     def expected(self) -> dict:
         """What a training state must record for this runtime to continue it (None: nothing recorded, fp32)."""
         return {"precision": None if self.precision == "fp32" else self.precision}
+
+
+class StepClock:
+    """Throughput of a training loop: optimisation steps per second, data preparation before the loop excluded.
+
+    Readings are taken where the loop has already synchronised with the device (a `.item()` for the logs, the
+    checkpoint write at the end), so the clock adds no synchronisation of its own."""
+
+    def __init__(self, batch_size: int, preparing_since: float):
+        self.batch_size = batch_size
+        self.started = time.perf_counter()
+        self.preparation_seconds = self.started - preparing_since
+        self.steps = 0
+
+    def tick(self) -> None:
+        self.steps += 1
+
+    def steps_per_second(self) -> float:
+        return self.steps / max(time.perf_counter() - self.started, 1e-9)
+
+    def write(self, path: Path) -> dict:
+        """`timing.json` beside the checkpoint (not in it: a checkpoint's bytes must not depend on the machine)."""
+        seconds = time.perf_counter() - self.started
+        timing = {
+            "steps": self.steps,
+            "batch_size": self.batch_size,
+            "training_seconds": round(seconds, 2),
+            "steps_per_second": round(self.steps / max(seconds, 1e-9), 3),
+            "examples_per_second": round(self.steps * self.batch_size / max(seconds, 1e-9), 1),
+            "preparation_seconds": round(self.preparation_seconds, 2),
+        }
+        Path(path).write_text(json.dumps(timing, indent=1) + "\n")
+        return timing
+
+
+def timing_line(timing: dict) -> str:
+    return (f"{timing['steps']} steps in {timing['training_seconds']:.0f} s: {timing['steps_per_second']:.2f} "
+            f"steps/s, {timing['examples_per_second']:.0f} examples/s at batch {timing['batch_size']} "
+            f"(data preparation before the first step {timing['preparation_seconds']:.0f} s)")  # fmt: skip
 
 
 def start_runtime(device: str = "auto", precision: str = "fp32") -> Runtime:

@@ -1,5 +1,7 @@
 """Generators: exact family bases, diffusion training with exact resume, conditioned sampling, clear errors."""
 
+import json
+
 import pytest
 import torch
 from conftest import run_cli
@@ -140,8 +142,11 @@ def test_baselines_sample_like_the_generator(basis):
 
 def test_cli_trains_both_models_and_samples_and_probes_the_autoencoder(tmp_path):
     diffusion = tmp_path / "diffusion"
-    run_cli("train", "bundled", "model=diffusion", "model.steps=4", "model.mixtures=12", "model.d_model=16",
-            "model.depth=1", "model.batch_size=8", f"out={diffusion}", "progress=false")  # fmt: skip
+    trained = run_cli("train", "bundled", "model=diffusion", "model.steps=4", "model.mixtures=12", "model.d_model=16",
+                      "model.depth=1", "model.batch_size=8", f"out={diffusion}", "progress=false")  # fmt: skip
+    timing = json.loads((diffusion / "timing.json").read_text())
+    assert timing["steps"] == 4 and timing["batch_size"] == 8 and timing["steps_per_second"] > 0
+    assert "4 steps in" in trained.stdout and "examples/s at batch 8" in trained.stdout
     assert load_generator(diffusion / "generator.safetensors").basis.num_families == 20
     autoencoder = tmp_path / "autoencoder"
     run_cli("train", "bundled", "model=autoencoder", "model.steps=3", "model.batch_size=4", "model.d_model=16",

@@ -93,6 +93,7 @@ def test_logging_receives_sample_accuracy_and_changes_nothing(tmp_path):
     assert all(math.isfinite(row["sample/val_acc"]) for row in samples) and measured[-3:] == [3, 3, 3]
     losses = [row for row in logs if "train/loss" in row]
     assert losses[0]["step"] == 0 and losses[0]["train/lr"] == DIFFUSION.lr
+    assert all(row["train/steps_per_second"] > 0 for row in losses)
 
 
 def test_autoencoder_embeddings_are_logged_as_a_table(tmp_path):

@@ -8,6 +8,7 @@ dataset; an incompatible output folder) ends with one line on stderr and exit co
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -164,8 +165,9 @@ def build_task(cfg) -> None:
         save_pretrain=save_policy(cfg.save.pretrain),
         save_finetune=save_policy(cfg.save.finetune),
     )
-    logger = make_logger(OmegaConf.to_object(cfg.logger), resolved, cfg.zoo.name, out)
+    logger = None
     try:
+        logger = make_logger(OmegaConf.to_object(cfg.logger), resolved, cfg.zoo.name, out)
         build(cfg.zoo, settings, logger)
     except (ZooError, DatasetError, ValueError) as error:
         fail("build", str(error))
@@ -229,8 +231,6 @@ def evaluate_task(cfg) -> None:
                 selection, cfg.dataset, cfg.split, out, resolved, recipe if epochs else None, mode=cfg.mode,
                 chunk_size=cfg.chunk_size, device=device, data_root=cfg.data_root, progress=cfg.progress,
             )  # fmt: skip
-            import json
-
             tables = {"models": json.loads((out / "results.json").read_text())["results"]}
             images = {name: out / f"{name}.png" for name in ("accuracy", "finetune")}
         if logger is not None:
@@ -353,7 +353,10 @@ def train_task(cfg) -> None:
         if runtime is not None:
             close_runtime(runtime)
     if runtime.main:
+        from generative.runtime import timing_line
+
         print(f"{name} written to {path} ({path.stat().st_size / 1e6:.2f} MB)")
+        print(timing_line(json.loads((out / "timing.json").read_text())))
 
 
 def demo_task(cfg) -> None:

@@ -135,8 +135,8 @@ def _sample(cfg, zoo: Zoo, out: Path, context: Context) -> None:
 
 
 def conditioning_targets(targets: list[float] | None, generator) -> list[float]:
-    """The given target accuracies, or the 20/40/60/80% quantiles of the accuracies the generator was trained
-    on (null targets: a preset that fits any zoo)."""
+    """The given target accuracies, or the points 20/40/60/80% of the way from the lowest to the highest accuracy
+    the generator was trained on (null targets: a preset that fits any zoo)."""
     if targets is not None:
         return list(targets)
     low, high = generator.stats["accuracy_min"], generator.stats["accuracy_max"]

@@ -148,7 +148,7 @@ class DemoConfig:
     retrain: bool = False  # train the generator afresh instead of using the shipped one
     generator: Dict[str, Any] = field(default_factory=dict)  # DiffusionConfig fields that differ, for retrain
     n: int = 120  # unconditioned samples
-    # conditioned samples: target val accuracies; null: the 20/40/60/80% quantiles of what the generator saw
+    # conditioned samples: target val accuracies; null: 20/40/60/80% of the way across the trained range
     targets: Optional[List[float]] = field(default_factory=lambda: [0.3, 0.5, 0.7, 0.9])
     per_target: int = 10
     finetune_epochs: int = 1

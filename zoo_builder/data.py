@@ -6,13 +6,15 @@ seed, so `train`, `val` and `test` never overlap and selection never needs the t
 
 Nothing is downloaded: `digits` ships inside scikit-learn; Fashion-MNIST is read from IDX files (the
 Debian package `dataset-fashion-mnist` installs them under `/usr/share/datasets/fashion-mnist`);
-CIFAR and ImageNet are read by torchvision from a root the user gives.
+CIFAR is read by torchvision from a root the user gives. ImageNet (150 GB of JPEGs) is never held in memory:
+its splits are `ImageFiles`, which decode the images of each batch when indexed (see there).
 """
 
 from __future__ import annotations
 
 import gzip
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -68,7 +70,8 @@ def load_split(
         classes: optional class subset; labels are re-indexed to 0..len(classes)-1 in the given order.
 
     Returns:
-        images [N, C, H, W] float32 and labels [N] int64. Treat them as read-only: they are cached.
+        images [N, C, H, W] float32 and labels [N] int64. Treat them as read-only: they are cached. For ImageNet
+        the images are `ImageFiles`, which index like that tensor and decode each batch from disk.
     """
     if split not in SPLITS:
         raise DatasetError(f"unknown split {split!r}; expected one of {SPLITS}")
@@ -84,18 +87,83 @@ def load_split(
     remap = torch.full((num_classes,), -1, dtype=torch.long)
     remap[list(classes)] = torch.arange(len(classes))
     keep = remap[labels] >= 0
-    return images[keep], remap[labels[keep]]
+    return take(images, keep.nonzero().squeeze(1)), remap[labels[keep]]
+
+
+def take(images, index: torch.Tensor | slice):
+    """Rows of a split's images without decoding them: a tensor's rows, or fewer `ImageFiles`."""
+    return images.select(index) if isinstance(images, ImageFiles) else images[index]
+
+
+class ImageFiles:
+    """A split kept on disk as image files, decoded batch by batch: what `load_split` gives for ImageNet.
+
+    It is indexed like the images tensor of the other datasets, and indexing decodes: `files[index]` for an index
+    tensor of any shape is `[*index.shape, 3, size, size]` float32, normalised, on `device`; `files[a:b]` is
+    `[b - a, 3, size, size]`. Each image is resized to `size * 8 / 7` (256 for 224) on its short side and
+    centre-cropped to `size`: the standard ImageNet evaluation transform; in training the builder's own affine
+    augmentation follows, as for every dataset.
+    `select` gives a subset without decoding. Decoding (Pillow, as torchvision's ImageFolder does) runs on a thread
+    pool: Pillow releases the GIL while it decodes and resizes."""
+
+    def __init__(self, paths: list[str], size: int, mean: tuple[float, ...], std: tuple[float, ...],
+                 device: torch.device | str = "cpu"):  # fmt: skip
+        self.paths = paths
+        self.size = size
+        self.mean, self.std = mean, std
+        self.device = torch.device(device)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.paths), 3, self.size, self.size)
+
+    def select(self, index: torch.Tensor | slice) -> ImageFiles:
+        paths = self.paths[index] if isinstance(index, slice) else [self.paths[i] for i in index.tolist()]
+        return ImageFiles(paths, self.size, self.mean, self.std, self.device)
+
+    def to(self, device: torch.device | str) -> ImageFiles:
+        return ImageFiles(self.paths, self.size, self.mean, self.std, device)
+
+    def __getitem__(self, index: torch.Tensor | slice | int) -> torch.Tensor:
+        if isinstance(index, int):
+            return self[torch.tensor([index])][0]
+        flat = torch.arange(len(self.paths))[index] if isinstance(index, slice) else index.reshape(-1).cpu()
+        with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
+            images = torch.stack(list(pool.map(self._decode, flat.tolist())))  # [n, 3, size, size]
+        mean = torch.tensor(self.mean).view(1, -1, 1, 1)
+        std = torch.tensor(self.std).view(1, -1, 1, 1)
+        images = ((images - mean) / std).to(self.device)
+        return images.view(*(flat.shape if isinstance(index, slice) else index.shape), *images.shape[1:])
+
+    def _decode(self, i: int) -> torch.Tensor:
+        from PIL import Image
+
+        with Image.open(self.paths[i]) as image:
+            image = image.convert("RGB")
+            short = round(self.size * 8 / 7)
+            scale = short / min(image.size)
+            width, height = max(short, round(image.width * scale)), max(short, round(image.height * scale))
+            image = image.resize((width, height), Image.Resampling.BILINEAR, reducing_gap=None)
+            left, top = (width - self.size) // 2, (height - self.size) // 2
+            image = image.crop((left, top, left + self.size, top + self.size))
+            pixels = torch.from_numpy(np.asarray(image).copy())  # [size, size, 3] uint8
+        return pixels.permute(2, 0, 1).float() / 255.0
 
 
 @lru_cache(maxsize=8)
 def _load_cached(name: str, split: str, root: str | None) -> tuple[torch.Tensor, torch.Tensor]:
     meta = info(name)
+    if name == "imagenet":
+        return _imagenet(split, root, meta)  # files, normalised as each batch is decoded
     if name == "digits":
         images, labels = _digits(split)
     elif name == "fashion_mnist":
         images, labels = _fashion_mnist(split, root)
     else:
-        images, labels = _torchvision(name, split, root, meta.image_size)
+        images, labels = _cifar(name, split, root)
     mean = torch.tensor(meta.mean).view(1, -1, 1, 1)
     std = torch.tensor(meta.std).view(1, -1, 1, 1)
     images = ((images - mean) / std).contiguous()
@@ -166,29 +234,54 @@ def _fashion_mnist(split: str, root: str | None) -> tuple[torch.Tensor, torch.Te
     return torch.from_numpy(images.copy()).float().unsqueeze(1) / 255.0, torch.from_numpy(labels.astype(np.int64))
 
 
-def _torchvision(name: str, split: str, root: str | None, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """CIFAR/ImageNet through torchvision, from disk only (no download). Meant for GPU machines."""
+def _cifar(name: str, split: str, root: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """CIFAR-10/100 through torchvision, from disk only (no download)."""
     if root is None:
         raise DatasetError(f"{name} needs data_root=<path> (a torchvision {name} folder); nothing is downloaded")
     import torchvision
 
     train = split != "test"
-    if name in ("cifar10", "cifar100"):
-        cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
-        try:
-            dataset = cls(root, train=train, download=False)
-        except RuntimeError as error:
-            raise DatasetError(f"{name} not found under {root}: {error}") from error
-        images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).float() / 255.0  # [N, 3, 32, 32]
-        labels = torch.tensor(dataset.targets, dtype=torch.long)
-        if train:
-            index = torch.from_numpy(_carve(len(labels), len(labels) // 10, split))
-            images, labels = images[index], labels[index]
-        # kept at 32x32: models at 224 upsample per batch (see `resize_for`), not 30 GB in memory here
-        return images, labels
-    raise DatasetError(
-        "imagenet is not loaded into memory; stream it with your own loader and the zoo_builder population API"
-    )
+    cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+    try:
+        dataset = cls(root, train=train, download=False)
+    except RuntimeError as error:
+        raise DatasetError(f"{name} not found under {root}: {error}") from error
+    images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).float() / 255.0  # [N, 3, 32, 32]
+    labels = torch.tensor(dataset.targets, dtype=torch.long)
+    if train:
+        index = torch.from_numpy(_carve(len(labels), len(labels) // 10, split))
+        images, labels = images[index], labels[index]
+    # kept at 32x32: models at 224 upsample per batch (see `resize_for`), not 30 GB in memory here
+    return images, labels
+
+
+IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
+
+
+def _imagenet(split: str, root: str | None, meta: DatasetInfo) -> tuple[ImageFiles, torch.Tensor]:
+    """ImageNet-1k in the ImageFolder layout, beside the other datasets of `root` (CIFAR's `cifar-100-python/`):
+    `<root>/imagenet/train/<wnid>/*.JPEG` and `<root>/imagenet/val/<wnid>/*.JPEG`. Our test split is the official
+    validation set; our val split is carved from the official train set."""
+    if root is None:
+        raise DatasetError("imagenet needs data_root=<path> holding imagenet/train/<wnid>/ and imagenet/val/<wnid>/; "
+                           "nothing is downloaded")  # fmt: skip
+    folder = Path(root) / "imagenet" / ("val" if split == "test" else "train")
+    if not folder.is_dir():
+        raise DatasetError(f"imagenet not found: {folder} is not a folder (expected <root>/imagenet/train and /val)")
+    classes = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
+    if len(classes) != meta.num_classes:
+        raise DatasetError(f"imagenet: {folder} holds {len(classes)} class folders, expected {meta.num_classes}")
+    paths, labels = [], []
+    for label, wnid in enumerate(classes):
+        files = sorted(e.path for e in os.scandir(folder / wnid) if e.name.lower().endswith(IMAGE_SUFFIXES))
+        paths += files
+        labels += [label] * len(files)
+    labels = torch.tensor(labels, dtype=torch.long)
+    images = ImageFiles(paths, meta.image_size, meta.mean, meta.std)
+    if split != "test":
+        index = torch.from_numpy(_carve(len(labels), len(labels) // 25, split))  # val: 4%, about 51,000 images
+        images, labels = images.select(index), labels[index]
+    return images, labels
 
 
 def resize_for(images: torch.Tensor, image_size: int) -> torch.Tensor:

@@ -22,7 +22,10 @@ class LoggerConfig:
 
 class WandbLogger:
     def __init__(self, cfg: LoggerConfig, config: dict, zoo_name: str, out: Path, job_type: str = "build"):
-        import wandb
+        try:
+            import wandb
+        except ImportError:
+            raise ValueError("logger=wandb needs the wandb package: pip install -e '.[wandb]'") from None
 
         self.wandb = wandb
         self.run = wandb.init(

@@ -20,7 +20,7 @@ from torch.func import functional_call, grad_and_value, vmap
 from zoo_builder.augment import affine_params, augment, epoch_generator
 from zoo_builder.blueprint import Factors
 from zoo_builder.data import info as dataset_info
-from zoo_builder.data import load_split, resize_for
+from zoo_builder.data import load_split, resize_for, take
 from zoo_builder.models import PRECISIONS, Architecture, autocast, build_vit
 from zoo_builder.optim import PopulationOptimizer, torch_optimizer
 
@@ -153,7 +153,8 @@ class PopulationTrainer:
         if split not in self._splits:
             images, labels = load_split(self.shared.dataset, split, self.data_root, self.shared.classes)
             if split == "train" and self.shared.train_subset:
-                images, labels = images[: self.shared.train_subset], labels[: self.shared.train_subset]
+                subset = slice(0, self.shared.train_subset)
+                images, labels = take(images, subset), labels[subset]
             self._splits[split] = (images.to(self.device), labels.to(self.device))
         return self._splits[split]
 
