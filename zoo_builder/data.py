@@ -102,16 +102,18 @@ class ImageFiles:
     tensor of any shape is `[*index.shape, 3, size, size]` float32, normalised, on `device`; `files[a:b]` is
     `[b - a, 3, size, size]`. Each image is resized to `size * 8 / 7` (256 for 224) on its short side and
     centre-cropped to `size`: the standard ImageNet evaluation transform; in training the builder's own affine
-    augmentation follows, as for every dataset.
-    `select` gives a subset without decoding. Decoding (Pillow, as torchvision's ImageFolder does) runs on a thread
-    pool: Pillow releases the GIL while it decodes and resizes."""
+    augmentation follows, as for every dataset. `select` gives a subset without decoding.
+
+    Decoding uses Pillow (as torchvision's ImageFolder does) on `workers` threads: Pillow releases the GIL while it
+    decodes and resizes. Pixels stay uint8 until they are on `device`, where they are normalised in one pass."""
 
     def __init__(self, paths: list[str], size: int, mean: tuple[float, ...], std: tuple[float, ...],
-                 device: torch.device | str = "cpu"):  # fmt: skip
+                 device: torch.device | str = "cpu", workers: int | None = None):  # fmt: skip
         self.paths = paths
         self.size = size
         self.mean, self.std = mean, std
         self.device = torch.device(device)
+        self.workers = workers or os.cpu_count() or 1
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -122,23 +124,25 @@ class ImageFiles:
 
     def select(self, index: torch.Tensor | slice) -> ImageFiles:
         paths = self.paths[index] if isinstance(index, slice) else [self.paths[i] for i in index.tolist()]
-        return ImageFiles(paths, self.size, self.mean, self.std, self.device)
+        return ImageFiles(paths, self.size, self.mean, self.std, self.device, self.workers)
 
     def to(self, device: torch.device | str) -> ImageFiles:
-        return ImageFiles(self.paths, self.size, self.mean, self.std, device)
+        return ImageFiles(self.paths, self.size, self.mean, self.std, device, self.workers)
 
     def __getitem__(self, index: torch.Tensor | slice | int) -> torch.Tensor:
         if isinstance(index, int):
             return self[torch.tensor([index])][0]
         flat = torch.arange(len(self.paths))[index] if isinstance(index, slice) else index.reshape(-1).cpu()
-        with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
-            images = torch.stack(list(pool.map(self._decode, flat.tolist())))  # [n, 3, size, size]
-        mean = torch.tensor(self.mean).view(1, -1, 1, 1)
-        std = torch.tensor(self.std).view(1, -1, 1, 1)
-        images = ((images - mean) / std).to(self.device)
+        with ThreadPoolExecutor(max_workers=self.workers) as pool:
+            pixels = np.stack(list(pool.map(self._decode, flat.tolist())))  # [n, size, size, 3] uint8
+        images = torch.from_numpy(pixels).to(self.device).permute(0, 3, 1, 2).float()  # [n, 3, size, size]
+        mean = torch.tensor(self.mean, device=self.device).view(1, -1, 1, 1) * 255
+        std = torch.tensor(self.std, device=self.device).view(1, -1, 1, 1) * 255
+        images = (images - mean) / std
         return images.view(*(flat.shape if isinstance(index, slice) else index.shape), *images.shape[1:])
 
-    def _decode(self, i: int) -> torch.Tensor:
+    def _decode(self, i: int) -> np.ndarray:
+        """[size, size, 3] uint8: one image, resized on its short side and centre-cropped."""
         from PIL import Image
 
         with Image.open(self.paths[i]) as image:
@@ -148,9 +152,7 @@ class ImageFiles:
             width, height = max(short, round(image.width * scale)), max(short, round(image.height * scale))
             image = image.resize((width, height), Image.Resampling.BILINEAR, reducing_gap=None)
             left, top = (width - self.size) // 2, (height - self.size) // 2
-            image = image.crop((left, top, left + self.size, top + self.size))
-            pixels = torch.from_numpy(np.asarray(image).copy())  # [size, size, 3] uint8
-        return pixels.permute(2, 0, 1).float() / 255.0
+            return np.asarray(image.crop((left, top, left + self.size, top + self.size)))
 
 
 @lru_cache(maxsize=8)
