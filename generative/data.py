@@ -94,6 +94,9 @@ class DeltaSet:
     def __init__(
         self, zoo: Zoo, head: str = "linear", spec: TokenSpec | None = None, normalizer: Normalizer | None = None
     ):
+        if head not in ("linear", "mlp"):
+            raise ValueError(f"head={head}: the autoencoder reads one head type (token sequences must agree): "
+                             "head=linear or head=mlp")  # fmt: skip
         entries = list(zoo.filter(stage="finetune", status="done", head=head))
         if len(entries) < 2:
             raise ValueError(

@@ -29,9 +29,15 @@ def slot_of(factors: dict) -> tuple[str, float]:
     return (factors["optimizer"], float(factors["lr"]))
 
 
+HEADS = ("linear", "mlp", "all")  # which fine-tunes a basis holds: one head type, or every family of both
+
+
 class FamilyBasis:
     def __init__(self, zoo: Zoo, head: str = "linear", cache_bytes: int = 4 * 2**30):
-        final = [e for e in zoo.filter(stage="finetune", status="done", epoch="last", head=head)]
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
+        wanted = {} if head == "all" else {"head": head}
+        final = [e for e in zoo.filter(stage="finetune", status="done", epoch="last", **wanted)]
         if not final:
             raise ValueError(f"{zoo.root} has no finished fine-tuned models with a {head} head")
         self.zoo_root = "bundled" if zoo.root == BUNDLED else str(zoo.root)  # portable for the shipped generator
@@ -78,6 +84,11 @@ class FamilyBasis:
         while len(self._cache) > 1 and sum(map(_bytes, self._cache.values())) > self._cache_bytes:
             self._cache.popitem(last=False)
         return start, runs
+
+    def head_of(self, family: int) -> dict:
+        """The head of a family's models: {"head", "head_hidden", "num_classes"}."""
+        _, head, head_hidden, _, _ = self.families[family]
+        return {"head": head, "head_hidden": head_hidden, "num_classes": self.members[family][0].head["num_classes"]}
 
     @property
     def num_families(self) -> int:

@@ -265,8 +265,12 @@ def sample(
     novel_only: bool = True,
     max_rounds: int = 20,
     distance: float | None = None,
+    head: str | None = None,
 ) -> tuple[list[tuple[StateDict, dict, dict]], list[str | None], dict]:
     """n models as (state_dict, factors, head), their parents, and a summary of the draw.
+
+    Conditions: `parent` and `head` (linear | mlp, for a generator trained with head=all) choose the families
+    drawn from; `target_acc` (validation accuracy) and `optimizer`+`lr` (a slot) condition the denoiser.
 
     method: "diffusion" (the trained generator), "mix" (Dirichlet mixtures of a family's runs: the same
     basis without learning, as a reference), or one of the evaluator's baselines over the generator's runs:
@@ -280,14 +284,9 @@ def sample(
         raise ConditionError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     if method in BASELINES:
         if target_acc is not None or optimizer is not None or lr is not None or parent is not None:
-            raise ConditionError(f"method={method} is a baseline: it takes no condition")
-        return _baselines(generator, n, seed, method, distance)
-    families = list(range(basis.num_families))
-    if parent is not None:
-        families = [f for f in families if basis.families[f][0] == parent]
-        if not families:
-            known = sorted({key[0] for key in basis.families})
-            raise ConditionError(f"parent {parent!r} is not one the generator was trained on: {known}")
+            raise ConditionError(f"method={method} is a baseline: it takes no condition but head")
+        return _baselines(generator, n, seed, method, distance, head)
+    families = _families(basis, parent, head)
     if target_acc is not None and not stats["accuracy_min"] <= target_acc <= stats["accuracy_max"]:
         raise ConditionError(
             f"target_acc={target_acc} is outside the validation accuracies it was trained on "
@@ -335,7 +334,7 @@ def sample(
         )
     samples, parents = [], []
     for f, a in kept[:n]:
-        parent_id, head, head_hidden, head_seed, _ = basis.families[f]
+        parent_id, _, _, head_seed, _ = basis.families[f]
         factors = {
             "method": method,
             "generator": generator.sha256,
@@ -347,39 +346,51 @@ def sample(
             "coordinates": [round(v, 6) for v in a.tolist()],
             "sample_seed": seed,
         }
-        samples.append((basis.decode(f, a), factors, {"head": head, "head_hidden": head_hidden,
-                                                      "num_classes": _classes(basis, f)}))  # fmt: skip
+        samples.append((basis.decode(f, a), factors, basis.head_of(f)))
         parents.append(parent_id)
     return samples, parents, {"drawn": len(kept) + redrawn, "redrawn_as_copies": redrawn}
 
 
-def _classes(basis: FamilyBasis, family: int) -> int:
-    return basis.members[family][0].head["num_classes"]
+def _families(basis: FamilyBasis, parent: str | None, head: str | None) -> list[int]:
+    """The families a draw may come from: those of `parent` and of head type `head` (None: any)."""
+    families = list(range(basis.num_families))
+    if parent is not None:
+        families = [f for f in families if basis.families[f][0] == parent]
+        if not families:
+            known = sorted({key[0] for key in basis.families})
+            raise ConditionError(f"parent {parent!r} is not one the generator was trained on: {known}")
+    if head is not None:
+        trained = sorted({basis.families[f][1] for f in families})
+        families = [f for f in families if basis.families[f][1] == head]
+        if not families:
+            raise ConditionError(f"head={head} is not one the generator was trained on here: {trained}")
+    return families
 
 
-def _baselines(generator: Generator, n: int, seed: int, method: str, distance: float | None):
-    """The evaluator's baselines (eval/baselines.py) over the generator's runs, as samples."""
+def _baselines(generator: Generator, n: int, seed: int, method: str, distance: float | None, head: str | None):
+    """The evaluator's baselines (eval/baselines.py) over the generator's runs of one head type (the first
+    family's, unless `head` says), as samples."""
     from eval.baselines import gaussian, noise_around, random_init
 
     basis = generator.basis
-    _, head, head_hidden, _, _ = basis.families[0]
-    head_spec = {"head": head, "head_hidden": head_hidden, "num_classes": _classes(basis, 0)}
+    families = _families(basis, None, head or basis.families[0][1])
+    head_spec = basis.head_of(families[0])
     rng = torch.Generator().manual_seed(seed)
     parents: list[str | None] = [None] * n
     if method == "random":
         state_dicts = random_init(basis.architecture, head_spec, n, seed)
     elif method == "gaussian":
-        runs = [basis.decode(f, torch.eye(basis.num_slots)[k]) for f in range(basis.num_families)
-                for k in range(basis.num_slots)]  # fmt: skip
+        runs = [basis.decode(f, torch.eye(basis.num_slots)[k]) for f in families for k in range(basis.num_slots)]
         state_dicts = gaussian(runs, n, seed)
     else:
         if distance is None or distance <= 0:
             raise ConditionError("method=noise needs distance=<L2 norm of the noise> (e.g. your samples' distance "
                                  "to their nearest zoo model, which vitzoo evaluate reports)")  # fmt: skip
-        picks = torch.randint(basis.num_families * basis.num_slots, (n,), generator=rng).tolist()
-        anchors = [basis.decode(i // basis.num_slots, torch.eye(basis.num_slots)[i % basis.num_slots]) for i in picks]
+        picks = torch.randint(len(families) * basis.num_slots, (n,), generator=rng).tolist()
+        chosen = [(families[i // basis.num_slots], i % basis.num_slots) for i in picks]  # (family, run)
+        anchors = [basis.decode(f, torch.eye(basis.num_slots)[k]) for f, k in chosen]
         state_dicts = noise_around(anchors, [distance] * n, sorted(anchors[0]), seed)
-        parents = [basis.families[i // basis.num_slots][0] for i in picks]
+        parents = [basis.families[f][0] for f, _ in chosen]
     factors = {"method": method, "generator": generator.sha256, "distance": distance, "sample_seed": seed}
     samples = [(state_dict, dict(factors), head_spec) for state_dict in state_dicts]
     return samples, parents, {"drawn": n, "redrawn_as_copies": 0}

@@ -246,3 +246,25 @@ def test_autoencoder_config_refuses_bad_windows_and_poolings(deltas):
             AutoencoderConfig(**bad)
     with pytest.raises(ValueError, match="longer than the 470 tokens"):
         HyperAutoencoder(deltas.spec, AutoencoderConfig(window=471, window_stride=1))
+
+
+def test_a_generator_over_both_head_types_samples_the_head_it_is_asked_for(tmp_path):
+    def measure(state_dicts):  # both head structures: the mean of every head tensor
+        return [float(sum(v.mean() for k, v in sd.items() if k.startswith("head"))) for sd in state_dicts]
+
+    zoo = Zoo.open("bundled")
+    path = train_generator(zoo, tmp_path, TINY, measure, head="all", progress=False)
+    generator = load_generator(path)
+    assert generator.basis.num_families == 40 and generator.basis.head == "all"
+    mlp, _, _ = sample(generator, 4, seed=0, head="mlp", novel_only=False)
+    assert all(head["head"] == "mlp" and "head.2.weight" in state_dict for state_dict, _, head in mlp)
+    either, _, _ = sample(generator, 12, seed=0, novel_only=False)
+    assert {head["head"] for _, _, head in either} == {"linear", "mlp"}
+    random, _, _ = sample(generator, 2, method="random", head="mlp")
+    assert all(head["head_hidden"] == 16 for _, _, head in random)
+    with pytest.raises(ConditionError, match="head=mlp is not one the generator was trained on"):
+        sample(load_generator("bundled"), 2, head="mlp")
+    with pytest.raises(ValueError, match="head must be one of"):
+        FamilyBasis(zoo, head="conv")
+    with pytest.raises(ValueError, match="one head type"):
+        DeltaSet(zoo, head="all")

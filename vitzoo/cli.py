@@ -416,6 +416,8 @@ def sample_task(cfg) -> None:
         if checkpoint_format(path) == AUTOENCODER_FORMAT:
             if cfg.method != "kde":
                 raise ConditionError(f"{path} is an autoencoder: sample it with method=kde")
+            if cfg.head is not None:
+                raise ConditionError("method=kde samples the autoencoder's own head type: drop head=")
             bundle = load_autoencoder(path, cfg.zoo)
             samples, parents = sample_kde(bundle, cfg.n, cfg.seed, cfg.bandwidth, cfg.top)
             architecture, dataset, note = bundle.data.architecture, Zoo.open(bundle.data.zoo_root).dataset, ""
@@ -423,7 +425,7 @@ def sample_task(cfg) -> None:
             generator = load_generator(path, cfg.zoo)
             samples, parents, info = sample(
                 generator, cfg.n, cfg.seed, cfg.method, cfg.parent, cfg.target_acc, cfg.optimizer, cfg.lr,
-                cfg.guidance, cfg.steps, novel_only=cfg.novel_only, distance=cfg.distance,
+                cfg.guidance, cfg.steps, novel_only=cfg.novel_only, distance=cfg.distance, head=cfg.head,
             )  # fmt: skip
             architecture, dataset = generator.basis.architecture, generator.basis.dataset
             note = f" ({info['redrawn_as_copies']} draws redrawn as copies)"

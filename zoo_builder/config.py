@@ -107,7 +107,7 @@ class SoupConfig:
 class TrainConfig:
     path: str = "???"  # the zoo
     model: Any = None  # configs/model/<name>.yaml: {name: diffusion, ...its config fields}
-    head: str = "linear"  # which fine-tunes (one head structure per generator)
+    head: str = "linear"  # which fine-tunes: linear | mlp | all (diffusion only: families of both head types)
     out: str = "runs/generator"
     save_every: int = 500
     device: str = "auto"  # auto | cpu | cuda (under torchrun each rank takes the GPU of its LOCAL_RANK)
@@ -137,6 +137,7 @@ class SampleConfig:
     steps: int = 50
     novel_only: bool = True
     distance: Optional[float] = None  # method=noise: the noise's L2 norm
+    head: Optional[str] = None  # linear | mlp: only families of this head type (a generator trained with head=all)
     zoo: Optional[str] = None  # where the generator's zoo is, when it moved
     threads: Optional[int] = None
 
