@@ -8,7 +8,9 @@ raises) their accuracy, far above isotropic noise at the same distance, while mi
 collapses (numbers in generative/diffusion.py). Generators therefore model deltas, conditioned on the family,
 and add the family's w0 back on decoding.
 
-One head structure per set (token sequences must agree): `head="linear"` or `"mlp"`.
+One head structure per set (token sequences must agree): `head="linear"` or `"mlp"`; `head="all"` holds the
+fine-tunes of both head types as the deltas of their bodies alone (every tensor but `head.*`), for embeddings
+and probes that compare head types (such a set decodes bodies, not whole models).
 Deltas are standardised per tensor over the zoo (`tokenizer.Normalizer`) and tokenized row-aligned
 (`tokenizer.TokenSpec`); `DeltaSet` holds them all in memory ([n, T, d] float32: a few MB for the bundled
 zoo).
@@ -86,6 +88,7 @@ class Condition:
 
 
 OPTIMIZERS = ("adamw", "sgd")
+HEADS = ("linear", "mlp", "all")  # one head type, or the bodies of both
 
 
 class DeltaSet:
@@ -94,10 +97,9 @@ class DeltaSet:
     def __init__(
         self, zoo: Zoo, head: str = "linear", spec: TokenSpec | None = None, normalizer: Normalizer | None = None
     ):
-        if head not in ("linear", "mlp"):
-            raise ValueError(f"head={head}: the autoencoder reads one head type (token sequences must agree): "
-                             "head=linear or head=mlp")  # fmt: skip
-        entries = list(zoo.filter(stage="finetune", status="done", head=head))
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
+        entries = list(zoo.filter(stage="finetune", status="done", **({} if head == "all" else {"head": head})))
         if len(entries) < 2:
             raise ValueError(
                 f"{zoo.root} has {len(entries)} finished fine-tuned checkpoints with a {head} head; "
@@ -125,7 +127,8 @@ class DeltaSet:
         for entry in entries:
             family = family_of[family_key(entry.factors, entry.parent_id)]
             weights = entry.state_dict()
-            deltas.append({k: weights[k] - self.inits[family][k] for k in weights})
+            kept = [k for k in weights if not (head == "all" and k.startswith("head."))]  # bodies: shapes agree
+            deltas.append({k: weights[k] - self.inits[family][k] for k in kept})
             self.conditions.append(
                 Condition(
                     family,
@@ -146,6 +149,7 @@ class DeltaSet:
         return len(self.entries)
 
     def decode(self, tokens: torch.Tensor, family: int) -> StateDict:
-        """Weights from normalised delta tokens [T, d] and the family whose start they are added to."""
+        """Weights from normalised delta tokens [T, d] and the family whose start they are added to (for
+        `head="all"`: the body's weights only)."""
         delta = self.normalizer.denormalize(detokenize(tokens.double(), self.spec))
         return {k: (self.inits[family][k].double() + delta[k].double()).float() for k in delta}

@@ -262,6 +262,9 @@ def sample_kde(
     if not 0 < top <= 1:
         raise ConditionError(f"top must be in (0, 1], got {top}")
     data = bundle.data
+    if data.head == "all":
+        raise ConditionError("this autoencoder encodes the bodies of both head types, not whole models; KDE needs one "
+                             "trained with head=linear or head=mlp")  # fmt: skip
     last = {}
     for i, entry in enumerate(data.entries):
         last[entry.model_id] = i  # entries are sorted by epoch within a model: the last one wins

@@ -5,7 +5,8 @@ accuracy, epoch and log10 learning rate (ridge regression, R^2) and to optimizer
 regression, accuracy), on held-out models (5-fold cross-validation grouped by model, so no model's other epochs
 are seen in training). The baseline is the same probes on per-tensor weight statistics of the full weights
 (mean, std, L2 norm and the 1/25/50/75/99% quantiles of every tensor), which SANE found about as predictive.
-All checkpoints share one head type (one per autoencoder), so head type is not probed.
+Head type is probed when the autoencoder holds both (`head=all`, bodies only); the baseline's statistics then
+cover the same body tensors.
 
 Shapes: n checkpoints, e embedding width.
 """
@@ -39,13 +40,17 @@ def weight_statistics(state_dict: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def targets(bundle: AutoencoderBundle) -> dict[str, tuple[str, np.ndarray]]:
     entries = bundle.data.entries
-    return {
+    properties = {
         "test accuracy": ("regression", np.array([e.metrics.get("test_acc") or 0.0 for e in entries])),
         "epoch": ("regression", np.array([e.epoch for e in entries], dtype=float)),
         "log10 lr": ("regression", np.array([math.log10(e.factors["lr"]) for e in entries])),
         "optimizer": ("classification", np.array([e.factors["optimizer"] for e in entries])),
         "parent": ("classification", np.array([e.parent_id for e in entries])),
     }
+    heads = np.array([e.factors["head"] for e in entries])
+    if len(set(heads)) > 1:
+        properties["head type"] = ("classification", heads)
+    return properties
 
 
 def cross_validated(features: np.ndarray, kind: str, y: np.ndarray, groups: np.ndarray) -> float:
@@ -63,7 +68,11 @@ def cross_validated(features: np.ndarray, kind: str, y: np.ndarray, groups: np.n
 def probe(bundle: AutoencoderBundle) -> list[dict]:
     """One row per property: the embedding's and the weight-statistics baseline's held-out score."""
     embedded = embeddings(bundle).double().numpy()
-    statistics = torch.stack([weight_statistics(e.state_dict()) for e in bundle.data.entries]).numpy()
+    body_only = bundle.data.head == "all"  # the autoencoder saw bodies alone; so does the baseline
+    statistics = torch.stack([
+        weight_statistics({k: v for k, v in e.state_dict().items() if not (body_only and k.startswith("head."))})
+        for e in bundle.data.entries
+    ]).numpy()  # fmt: skip
     groups = np.array([e.model_id for e in bundle.data.entries])
     rows = []
     for name, (kind, y) in targets(bundle).items():

@@ -11,7 +11,7 @@ from generative.data import DeltaSet
 from generative.diffusion import DiffusionConfig
 from generative.family import FamilyBasis
 from generative.generator import ConditionError, load_generator, sample, train_generator
-from generative.hyper import embeddings, load_autoencoder, train_autoencoder
+from generative.hyper import embeddings, load_autoencoder, sample_kde, train_autoencoder
 from zoo_builder import Zoo
 from zoo_builder.zoo import ZooError, write_sampled
 
@@ -266,5 +266,24 @@ def test_a_generator_over_both_head_types_samples_the_head_it_is_asked_for(tmp_p
         sample(load_generator("bundled"), 2, head="mlp")
     with pytest.raises(ValueError, match="head must be one of"):
         FamilyBasis(zoo, head="conv")
-    with pytest.raises(ValueError, match="one head type"):
-        DeltaSet(zoo, head="all")
+    with pytest.raises(ValueError, match="head must be one of"):
+        DeltaSet(zoo, head="conv")
+
+
+def test_an_autoencoder_over_both_head_types_embeds_bodies_and_probes_head_type(tmp_path):
+    from generative.probe import probe
+
+    zoo = Zoo.open("bundled")
+    both = DeltaSet(zoo, head="all")
+    assert both.tokens.shape == (600, 460, 25)  # the linear head's 10 tokens (the MLP head's 26) left out
+    entry = both.entries[0]
+    decoded = both.decode(both.tokens[0], both.conditions[0].family)
+    weights = entry.state_dict()
+    assert not any(k.startswith("head.") for k in decoded)
+    assert max((decoded[k] - weights[k]).abs().max().item() for k in decoded) < 1e-6
+    config = AutoencoderConfig(**TINY_AUTOENCODER, steps=2)
+    bundle = load_autoencoder(train_autoencoder(zoo, tmp_path, config, head="all", progress=False))
+    rows = {row["property"]: row for row in probe(bundle)}
+    assert 0.0 <= rows["head type"]["embedding"] <= 1.0 and rows["head type"]["weight_statistics"] > 0.6  # chance: 0.5
+    with pytest.raises(ConditionError, match="bodies of both head types"):
+        sample_kde(bundle, 2)
