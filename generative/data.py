@@ -88,7 +88,12 @@ class Condition:
 
 
 OPTIMIZERS = ("adamw", "sgd")
-HEADS = ("linear", "mlp", "all")  # one head type, or the bodies of both
+HEADS = ("linear", "mlp", "all")  # one head type, or every fine-tune of both
+
+
+def body(state_dict: StateDict) -> StateDict:
+    """Every tensor but the head's: what fine-tunes with different heads have in common."""
+    return {k: v for k, v in state_dict.items() if not k.startswith("head.")}
 
 
 class DeltaSet:
@@ -126,9 +131,8 @@ class DeltaSet:
         self.conditions: list[Condition] = []
         for entry in entries:
             family = family_of[family_key(entry.factors, entry.parent_id)]
-            weights = entry.state_dict()
-            kept = [k for k in weights if not (head == "all" and k.startswith("head."))]  # bodies: shapes agree
-            deltas.append({k: weights[k] - self.inits[family][k] for k in kept})
+            weights = body(entry.state_dict()) if head == "all" else entry.state_dict()  # bodies: shapes agree
+            deltas.append({k: weights[k] - self.inits[family][k] for k in weights})
             self.conditions.append(
                 Condition(
                     family,

@@ -18,7 +18,7 @@ from collections import OrderedDict
 
 import torch
 
-from generative.data import family_key, family_start, parent_states
+from generative.data import HEADS, family_key, family_start, parent_states
 from zoo_builder.zoo import BUNDLED, Zoo, ZooEntry
 
 StateDict = dict[str, torch.Tensor]
@@ -27,9 +27,6 @@ FamilyWeights = tuple[StateDict, StateDict]  # (start, runs: tensors [K, *shape]
 
 def slot_of(factors: dict) -> tuple[str, float]:
     return (factors["optimizer"], float(factors["lr"]))
-
-
-HEADS = ("linear", "mlp", "all")  # which fine-tunes a basis holds: one head type, or every family of both
 
 
 class FamilyBasis:

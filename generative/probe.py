@@ -23,6 +23,7 @@ from sklearn.model_selection import GroupKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from generative.data import body
 from generative.hyper import AutoencoderBundle, embeddings
 
 QUANTILES = torch.tensor([0.01, 0.25, 0.5, 0.75, 0.99], dtype=torch.float64)
@@ -68,11 +69,8 @@ def cross_validated(features: np.ndarray, kind: str, y: np.ndarray, groups: np.n
 def probe(bundle: AutoencoderBundle) -> list[dict]:
     """One row per property: the embedding's and the weight-statistics baseline's held-out score."""
     embedded = embeddings(bundle).double().numpy()
-    body_only = bundle.data.head == "all"  # the autoencoder saw bodies alone; so does the baseline
-    statistics = torch.stack([
-        weight_statistics({k: v for k, v in e.state_dict().items() if not (body_only and k.startswith("head."))})
-        for e in bundle.data.entries
-    ]).numpy()  # fmt: skip
+    seen = body if bundle.data.head == "all" else dict  # the autoencoder saw bodies alone; so does the baseline
+    statistics = torch.stack([weight_statistics(seen(e.state_dict())) for e in bundle.data.entries]).numpy()
     groups = np.array([e.model_id for e in bundle.data.entries])
     rows = []
     for name, (kind, y) in targets(bundle).items():
