@@ -30,6 +30,7 @@ from tokenizer.spec import TokenSpec
 from tokenizer.tokens import detokenize, tokenize_batch
 from zoo_builder.blueprint import Factors, Run
 from zoo_builder.build import initial_state
+from zoo_builder.models import HEADS as MODEL_HEADS
 from zoo_builder.zoo import BUNDLED, Zoo, ZooEntry
 
 StateDict = dict[str, torch.Tensor]
@@ -88,7 +89,7 @@ class Condition:
 
 
 OPTIMIZERS = ("adamw", "sgd")
-HEADS = ("linear", "mlp", "all")  # one head type, or every fine-tune of both
+HEADS = (*MODEL_HEADS, "all")  # one head type, or every fine-tune of both
 
 
 def body(state_dict: StateDict) -> StateDict:
@@ -107,8 +108,7 @@ class DeltaSet:
         entries = list(zoo.filter(stage="finetune", status="done", **({} if head == "all" else {"head": head})))
         if len(entries) < 2:
             raise ValueError(
-                f"{zoo.root} has {len(entries)} finished fine-tuned checkpoints with a {head} head; "
-                "generators need more"
+                f"{zoo.root} has {len(entries)} finished fine-tuned checkpoints with head={head}; generators need more"
             )
         self.head = head
         self.zoo_root = "bundled" if zoo.root == BUNDLED else str(zoo.root)

@@ -36,7 +36,7 @@ class FamilyBasis:
         wanted = {} if head == "all" else {"head": head}
         final = [e for e in zoo.filter(stage="finetune", status="done", epoch="last", **wanted)]
         if not final:
-            raise ValueError(f"{zoo.root} has no finished fine-tuned models with a {head} head")
+            raise ValueError(f"{zoo.root} has no finished fine-tuned models with head={head}")
         self.zoo_root = "bundled" if zoo.root == BUNDLED else str(zoo.root)  # portable for the shipped generator
         self.head = head
         self.dataset = zoo.dataset

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from zoo_builder.models import PRECISIONS, autocast, select_device
+from zoo_builder.models import autocast, check_precision, select_device
 
 
 @dataclass
@@ -33,8 +33,7 @@ class Runtime:
     world_size: int = 1
 
     def __post_init__(self):
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
+        check_precision(self.precision)
 
     @property
     def main(self) -> bool:
@@ -107,7 +106,7 @@ class StepClock:
     def steps_per_second(self) -> float:
         return self.steps / max(time.perf_counter() - self.started, 1e-9)
 
-    def write(self, path: Path) -> dict:
+    def write(self, path: Path) -> None:
         """`timing.json` beside the checkpoint (not in it: a checkpoint's bytes must not depend on the machine)."""
         seconds = time.perf_counter() - self.started
         timing = {
@@ -119,7 +118,6 @@ class StepClock:
             "preparation_seconds": round(self.preparation_seconds, 2),
         }
         Path(path).write_text(json.dumps(timing, indent=1) + "\n")
-        return timing
 
 
 def timing_line(timing: dict) -> str:
@@ -131,8 +129,7 @@ def timing_line(timing: dict) -> str:
 def start_runtime(device: str = "auto", precision: str = "fp32") -> Runtime:
     """The runtime of this process; under torchrun (WORLD_SIZE > 1) it joins the process group and each rank
     takes the GPU of its LOCAL_RANK. `close_runtime` leaves it."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
+    check_precision(precision)  # before joining a process group, not after
     if device not in ("auto", "cpu") and not device.startswith("cuda"):
         raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
     chosen = select_device(device)

@@ -107,7 +107,7 @@ class SoupConfig:
 class TrainConfig:
     path: str = "???"  # the zoo
     model: Any = None  # configs/model/<name>.yaml: {name: diffusion, ...its config fields}
-    head: str = "linear"  # which fine-tunes: linear | mlp | all (diffusion only: families of both head types)
+    head: str = "linear"  # which fine-tunes: linear | mlp | all (both head types; the autoencoder: their bodies)
     out: str = "runs/generator"
     save_every: int = 500
     device: str = "auto"  # auto | cpu | cuda (under torchrun each rank takes the GPU of its LOCAL_RANK)

@@ -107,10 +107,14 @@ def select_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def autocast(device: torch.device, precision: str):
-    """The context for forward passes and losses: bf16 autocast (weights and optimizer state stay fp32), or none."""
+def check_precision(precision: str) -> None:
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
+
+
+def autocast(device: torch.device, precision: str):
+    """The context for forward passes and losses: bf16 autocast (weights and optimizer state stay fp32), or none."""
+    check_precision(precision)
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()

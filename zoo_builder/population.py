@@ -21,7 +21,7 @@ from zoo_builder.augment import affine_params, augment, epoch_generator
 from zoo_builder.blueprint import Factors
 from zoo_builder.data import info as dataset_info
 from zoo_builder.data import load_split, resize_for, take
-from zoo_builder.models import PRECISIONS, Architecture, autocast, build_vit
+from zoo_builder.models import Architecture, autocast, build_vit, check_precision
 from zoo_builder.optim import PopulationOptimizer, torch_optimizer
 
 # factors that must agree inside one population (they fix shapes, the data or the optimizer's code path)
@@ -88,8 +88,7 @@ class PopulationTrainer:
     ):
         if mode not in ("vmap", "loop"):
             raise ValueError(f"mode must be vmap or loop, got {mode!r}")
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
+        check_precision(precision)
         keys = {stack_key(f) for f in factors}
         if len(keys) != 1:
             raise ValueError("a population needs models that agree on " + ", ".join(STACK_FACTORS))
