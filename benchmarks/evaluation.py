@@ -11,8 +11,8 @@ import time
 
 import torch
 
-from eval.evaluation import evaluate
-from zoo_builder import Zoo
+from vitzoo.eval.evaluation import evaluate
+from vitzoo.zoo_builder import Zoo
 
 
 def main() -> None:

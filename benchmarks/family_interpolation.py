@@ -16,11 +16,11 @@ import statistics
 
 import torch
 
-from eval.baselines import noise_around
-from eval.evaluation import evaluate
-from eval.novelty import shared_keys
-from generative.family import FamilyBasis
-from zoo_builder import Zoo
+from vitzoo.eval.baselines import noise_around
+from vitzoo.eval.evaluation import evaluate
+from vitzoo.eval.novelty import shared_keys
+from vitzoo.generative.family import FamilyBasis
+from vitzoo.zoo_builder import Zoo
 
 
 def mean_accuracy(state_dicts: list[dict], num_heads: int) -> float:

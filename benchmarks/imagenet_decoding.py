@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from zoo_builder.data import DATASETS, ImageFiles
+from vitzoo.zoo_builder.data import DATASETS, ImageFiles
 
 
 def synthetic_jpegs(folder: Path, count: int, seed: int = 0) -> list[str]:

@@ -13,10 +13,10 @@ import time
 
 import torch
 
-from zoo_builder.blueprint import Factors, Run
-from zoo_builder.build import initial_state
-from zoo_builder.models import Architecture, select_device
-from zoo_builder.population import PopulationTrainer
+from vitzoo.zoo_builder.blueprint import Factors, Run
+from vitzoo.zoo_builder.build import initial_state
+from vitzoo.zoo_builder.models import Architecture, select_device
+from vitzoo.zoo_builder.population import PopulationTrainer
 
 ARCHITECTURE = Architecture(
     "vit_small_patch16_224",

@@ -11,8 +11,8 @@ import time
 import timm
 import torch
 
-from tokenizer import TokenSpec, detokenize, tokenize, tokenize_batch
-from zoo_builder import Zoo
+from vitzoo.tokenizer import TokenSpec, detokenize, tokenize, tokenize_batch
+from vitzoo.zoo_builder import Zoo
 
 
 def best_of(repeats: int, fn) -> float:

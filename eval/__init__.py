@@ -1,5 +1,5 @@
 """Evaluation of trained and generated ViTs: batched metrics, selection on validation, reports."""
 
-from eval.evaluation import Result, evaluate
+from vitzoo.eval.evaluation import Result, evaluate
 
 __all__ = ["Result", "evaluate"]

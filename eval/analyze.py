@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from zoo_builder.zoo import BUNDLED, Zoo, ZooEntry
+from vitzoo.zoo_builder.zoo import BUNDLED, Zoo, ZooEntry
 
 KINDS = ("same model", "siblings", "parent-child", "across parents")  # pair kinds; -1 on the diagonal
 FAMILY_ORDER = ("objective", "seed")  # parents are ordered by these factors first
@@ -124,7 +124,7 @@ def pair_kinds(entries: list[ZooEntry]) -> torch.Tensor:
 
 def module_order(entry: ZooEntry) -> list[str]:
     """The tensor names of an entry's model in the order of its modules (files store them in another order)."""
-    from zoo_builder.models import build_vit
+    from vitzoo.zoo_builder.models import build_vit
 
     with torch.device("meta"):
         model = build_vit(entry.architecture, entry.head["num_classes"], entry.head["head"], entry.head["head_hidden"])
@@ -250,7 +250,7 @@ def pre_logit_features(entries: list[ZooEntry], state_dicts: list[dict], images:
     """[m, b, d] pre-logit features (timm's `forward_head(..., pre_logits=True)`) of every model on images."""
     from tqdm.auto import tqdm
 
-    from zoo_builder.models import build_vit
+    from vitzoo.zoo_builder.models import build_vit
 
     templates = {}  # one module per head structure, reloaded for every model
     features = []
@@ -338,8 +338,8 @@ def agreement_by_dataset(selection: Zoo, datasets: list[str], split: str, data_r
                          progress: bool = False) -> tuple[torch.Tensor, list]:  # fmt: skip
     """Evaluate every entry of `selection` on its dataset (`datasets`, one per entry) and return the [m, m]
     prediction agreement (NaN across datasets and for models that could not be evaluated) and the results."""
-    from eval.evaluation import evaluate
-    from zoo_builder.data import info as dataset_info
+    from vitzoo.eval.evaluation import evaluate
+    from vitzoo.zoo_builder.data import info as dataset_info
 
     entries = list(selection)
     matrix = torch.full((len(entries), len(entries)), torch.nan, dtype=torch.float64)
@@ -378,8 +378,8 @@ def write_analysis(
     into `out` (see module docstring). Returns the results (as written to results.json)."""
     from safetensors.torch import save
 
-    from zoo_builder.data import load_split
-    from zoo_builder.zoo import atomic_write_bytes, atomic_write_json, code_version
+    from vitzoo.zoo_builder.data import load_split
+    from vitzoo.zoo_builder.zoo import atomic_write_bytes, atomic_write_json, code_version
 
     if cka_batch < 2:
         raise ValueError(f"cka_batch must be at least 2, got {cka_batch}")

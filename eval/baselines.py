@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from zoo_builder.models import Architecture, build_vit
+from vitzoo.zoo_builder.models import Architecture, build_vit
 
 StateDict = dict[str, torch.Tensor]
 

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import torch
 
-from eval.baselines import gaussian, noise_around, random_init
-from eval.evaluation import evaluate
-from eval.finetune import FinetuneRecipe, finetune_curves
-from eval.novelty import NoveltyReference, summarize
-from zoo_builder.data import load_split
-from zoo_builder.zoo import Zoo, atomic_write_json, code_version
+from vitzoo.eval.baselines import gaussian, noise_around, random_init
+from vitzoo.eval.evaluation import evaluate
+from vitzoo.eval.finetune import FinetuneRecipe, finetune_curves
+from vitzoo.eval.novelty import NoveltyReference, summarize
+from vitzoo.zoo_builder.data import load_split
+from vitzoo.zoo_builder.zoo import Zoo, atomic_write_json, code_version
 
 ZOO, RANDOM, GAUSSIAN, NOISE = "zoo", "random init", "gaussian", "zoo + noise"
 

@@ -5,7 +5,7 @@
 - Optimizer/lr: `per_slot` samples conditioned on each trained (optimizer, lr); their mean test accuracy per slot
   against the mean test accuracy of the zoo's runs in that slot (Spearman over slots: 1.0 = the zoo's ordering).
 
-python -m eval.conditioning bundled --out runs/conditioning     # the generator shipped beside the bundled zoo
+python -m vitzoo.eval.conditioning bundled --out runs/conditioning     # the generator shipped beside the bundled zoo
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from scipy.stats import spearmanr
 
-from eval.evaluation import evaluate
-from generative.generator import load_generator, sample
-from zoo_builder.zoo import atomic_write_json, code_version
+from vitzoo.eval.evaluation import evaluate
+from vitzoo.generative.generator import load_generator, sample
+from vitzoo.zoo_builder.zoo import atomic_write_json, code_version
 
 
 def conditioning(

@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
 
-from zoo_builder.data import info as dataset_info
-from zoo_builder.data import load_split
-from zoo_builder.zoo import Zoo, ZooEntry, ZooError
+from vitzoo.zoo_builder.data import info as dataset_info
+from vitzoo.zoo_builder.data import load_split
+from vitzoo.zoo_builder.zoo import Zoo, ZooEntry, ZooError
 
 
 @dataclass
@@ -114,7 +114,7 @@ def evaluate(
 def _candidates(models, num_heads: int | None) -> list[_Candidate]:
     if isinstance(models, Zoo):
         return [_entry_candidate(entry) for entry in models]
-    from tokenizer.architecture import vit_from_state_dict
+    from vitzoo.tokenizer.architecture import vit_from_state_dict
 
     candidates = []
     for name, state_dict in models:
@@ -128,7 +128,7 @@ def _candidates(models, num_heads: int | None) -> list[_Candidate]:
 
 
 def _entry_candidate(entry: ZooEntry) -> _Candidate:
-    from zoo_builder.models import build_vit
+    from vitzoo.zoo_builder.models import build_vit
 
     def build():
         with torch.device("meta"):

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from zoo_builder.blueprint import Factors
-from zoo_builder.models import Architecture
-from zoo_builder.population import PopulationTrainer
+from vitzoo.zoo_builder.blueprint import Factors
+from vitzoo.zoo_builder.models import Architecture
+from vitzoo.zoo_builder.population import PopulationTrainer
 
 StateDict = dict[str, torch.Tensor]
 

@@ -24,7 +24,7 @@ import statistics
 import torch
 from scipy.optimize import linear_sum_assignment
 
-from tokenizer.symmetries import BlockLayers, head_features, permutable_layers, permuted_keys, unit_features
+from vitzoo.tokenizer.symmetries import BlockLayers, head_features, permutable_layers, permuted_keys, unit_features
 
 StateDict = dict[str, torch.Tensor]
 

@@ -1,4 +1,5 @@
-"""`vitzoo evaluate` outputs: results.json, predictions.safetensors, report.md and an accuracy histogram.
+"""`vitzoo evaluate` outputs: results.json, predictions.safetensors (`predictions/<dataset>` [models, N], the
+models' names in the metadata under `models/<dataset>`), report.md and an accuracy histogram.
 
 Every output says which zoo, split, selection, seed-free settings and code version produced it.
 """
@@ -11,9 +12,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save
 
-from eval.evaluation import evaluate
-from eval.finetune import FinetuneRecipe, finetune_curves
-from zoo_builder.zoo import Zoo, atomic_write_bytes, atomic_write_json, code_version
+from vitzoo.eval.evaluation import evaluate
+from vitzoo.eval.finetune import FinetuneRecipe, finetune_curves
+from vitzoo.zoo_builder.zoo import Zoo, atomic_write_bytes, atomic_write_json, code_version
 
 
 def write_evaluation(
@@ -62,11 +63,15 @@ def write_evaluation(
         "code_version": code_version(),
         "results": rows,
     })  # fmt: skip
-    evaluated = [r for r in results if r.error is None]
-    if evaluated:
-        predictions = torch.stack([r.predictions for r in evaluated]).to(torch.int16)  # [models, N]
-        names = ",".join(r.name for r in evaluated)
-        atomic_write_bytes(out / "predictions.safetensors", save({"predictions": predictions}, {"models": names}))
+    # one prediction matrix per dataset: a zoo's parents and fine-tunes are scored on different test sets
+    tensors, metadata = {}, {}
+    for name in dict.fromkeys(datasets):
+        evaluated = [r for r, d in zip(results, datasets) if d == name and r.error is None]
+        if evaluated:
+            tensors[f"predictions/{name}"] = torch.stack([r.predictions for r in evaluated]).to(torch.int16)  # [m, N]
+            metadata[f"models/{name}"] = ",".join(r.name for r in evaluated)
+    if tensors:
+        atomic_write_bytes(out / "predictions.safetensors", save(tensors, metadata))
     (out / "report.md").write_text(_report(selection, split, rows, finetune))
     _histogram(rows, out / "accuracy.png", split)
     if curves:

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from eval.evaluation import evaluate
-from zoo_builder.zoo import Zoo
+from vitzoo.eval.evaluation import evaluate
+from vitzoo.zoo_builder.zoo import Zoo
 
 
 def average(state_dicts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -164,7 +164,7 @@ def write_soups(
     """Run the epoch and parent soups and write results.json, report.md and gains.png into `out`."""
     from pathlib import Path
 
-    from zoo_builder.zoo import atomic_write_json, code_version
+    from vitzoo.zoo_builder.zoo import atomic_write_json, code_version
 
     if parent is not None:
         if parent not in zoo.records:
@@ -211,7 +211,7 @@ def _gains_plot(gains: dict[int, list[float]], path) -> None:
 
 
 def main() -> None:
-    """python -m eval.soups <zoo> [--threads N]: the soup tables of a zoo (the README's numbers)."""
+    """python -m vitzoo.eval.soups <zoo> [--threads N]: the soup tables of a zoo (the README's numbers)."""
     import argparse
 
     parser = argparse.ArgumentParser(description=main.__doc__)

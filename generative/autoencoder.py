@@ -32,8 +32,8 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from tokenizer.spec import POSITION_FIELDS, TokenSpec
-from zoo_builder.population import info_nce
+from vitzoo.tokenizer.spec import POSITION_FIELDS, TokenSpec
+from vitzoo.zoo_builder.population import info_nce
 
 
 @dataclass

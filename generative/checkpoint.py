@@ -17,7 +17,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from zoo_builder.zoo import ZooError, atomic_write_bytes
+from vitzoo.zoo_builder.zoo import ZooError, atomic_write_bytes
 
 
 def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:

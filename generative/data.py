@@ -25,13 +25,13 @@ from dataclasses import dataclass
 
 import torch
 
-from tokenizer.normalize import Normalizer
-from tokenizer.spec import TokenSpec
-from tokenizer.tokens import detokenize, tokenize_batch
-from zoo_builder.blueprint import Factors, Run
-from zoo_builder.build import initial_state
-from zoo_builder.models import HEADS as MODEL_HEADS
-from zoo_builder.zoo import BUNDLED, Zoo, ZooEntry
+from vitzoo.tokenizer.normalize import Normalizer
+from vitzoo.tokenizer.spec import TokenSpec
+from vitzoo.tokenizer.tokens import detokenize, tokenize_batch
+from vitzoo.zoo_builder.blueprint import Factors, Run
+from vitzoo.zoo_builder.build import initial_state
+from vitzoo.zoo_builder.models import HEADS as MODEL_HEADS
+from vitzoo.zoo_builder.zoo import BUNDLED, Zoo, ZooEntry
 
 StateDict = dict[str, torch.Tensor]
 TOKEN_WIDTH = 25  # the bundled ViT's rows (24 weights + bias) fit one token exactly

@@ -18,8 +18,8 @@ from collections import OrderedDict
 
 import torch
 
-from generative.data import HEADS, family_key, family_start, parent_states
-from zoo_builder.zoo import BUNDLED, Zoo, ZooEntry
+from vitzoo.generative.data import HEADS, family_key, family_start, parent_states
+from vitzoo.zoo_builder.zoo import BUNDLED, Zoo, ZooEntry
 
 StateDict = dict[str, torch.Tensor]
 FamilyWeights = tuple[StateDict, StateDict]  # (start, runs: tensors [K, *shape]), float32 as stored

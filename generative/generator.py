@@ -25,23 +25,23 @@ from typing import Callable
 import numpy as np
 import torch
 
-from generative.checkpoint import (
+from vitzoo.generative.checkpoint import (
     load_training_state,
     open_checkpoint,
     save_training_state,
     update_ema,
     write_checkpoint,
 )
-from generative.diffusion import (
+from vitzoo.generative.diffusion import (
     CoordinateDenoiser,
     DiffusionConfig,
     diffusion_loss,
     sample_coordinates,
     schedulers,
 )
-from generative.family import FamilyBasis
-from generative.runtime import Runtime, StepClock
-from zoo_builder.zoo import Zoo, ZooError
+from vitzoo.generative.family import FamilyBasis
+from vitzoo.generative.runtime import Runtime, StepClock
+from vitzoo.zoo_builder.zoo import Zoo, ZooError
 
 FORMAT = "vitzoo-generator-1"
 BUNDLED_GENERATOR = Path(__file__).resolve().parent / "bundled" / "generator.safetensors"  # `vitzoo sample bundled`
@@ -370,7 +370,7 @@ def _families(basis: FamilyBasis, parent: str | None, head: str | None) -> list[
 def _baselines(generator: Generator, n: int, seed: int, method: str, distance: float | None, head: str | None):
     """The evaluator's baselines (eval/baselines.py) over the generator's runs of one head type (the first
     family's, unless `head` says), as samples."""
-    from eval.baselines import gaussian, noise_around, random_init
+    from vitzoo.eval.baselines import gaussian, noise_around, random_init
 
     basis = generator.basis
     families = _families(basis, None, head or basis.families[0][1])

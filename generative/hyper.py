@@ -26,23 +26,23 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from generative.autoencoder import AutoencoderConfig, HyperAutoencoder
-from generative.checkpoint import (
+from vitzoo.generative.autoencoder import AutoencoderConfig, HyperAutoencoder
+from vitzoo.generative.checkpoint import (
     load_training_state,
     open_checkpoint,
     save_training_state,
     update_ema,
     write_checkpoint,
 )
-from generative.data import DeltaSet
-from generative.generator import ConditionError
-from generative.runtime import Runtime, StepClock
-from tokenizer.dataset import mask_tokens
-from tokenizer.normalize import Normalizer
-from tokenizer.spec import TokenSpec
-from tokenizer.symmetries import permutable_layers, random_permutation
-from tokenizer.tokens import detokenize, tokenize
-from zoo_builder.zoo import Zoo, ZooError
+from vitzoo.generative.data import DeltaSet
+from vitzoo.generative.generator import ConditionError
+from vitzoo.generative.runtime import Runtime, StepClock
+from vitzoo.tokenizer.dataset import mask_tokens
+from vitzoo.tokenizer.normalize import Normalizer
+from vitzoo.tokenizer.spec import TokenSpec
+from vitzoo.tokenizer.symmetries import permutable_layers, random_permutation
+from vitzoo.tokenizer.tokens import detokenize, tokenize
+from vitzoo.zoo_builder.zoo import Zoo, ZooError
 
 FORMAT = "vitzoo-autoencoder-1"
 StateDict = dict[str, torch.Tensor]

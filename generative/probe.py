@@ -23,8 +23,8 @@ from sklearn.model_selection import GroupKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from generative.data import body
-from generative.hyper import AutoencoderBundle, embeddings
+from vitzoo.generative.data import body
+from vitzoo.generative.hyper import AutoencoderBundle, embeddings
 
 QUANTILES = torch.tensor([0.01, 0.25, 0.5, 0.75, 0.99], dtype=torch.float64)
 

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from zoo_builder.models import autocast, check_precision, select_device
+from vitzoo.zoo_builder.models import autocast, check_precision, select_device
 
 
 @dataclass

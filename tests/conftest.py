@@ -71,8 +71,8 @@ def offline_run_bytes(directory: Path) -> bytes:
 
 @pytest.fixture(scope="session")
 def tiny_zoo(tmp_path_factory):
-    from zoo_builder import Zoo
-    from zoo_builder.build import BuildSettings, SavePolicy, build
+    from vitzoo.zoo_builder import Zoo
+    from vitzoo.zoo_builder.build import BuildSettings, SavePolicy, build
 
     out = tmp_path_factory.mktemp("zoo") / "tiny"
     settings = BuildSettings(

@@ -8,7 +8,7 @@ import torch
 from conftest import run_cli
 from safetensors.torch import load_file
 
-from eval.analyze import (
+from vitzoo.eval.analyze import (
     KINDS,
     agreement,
     agreement_by_dataset,
@@ -27,8 +27,8 @@ from eval.analyze import (
     select,
     summarise,
 )
-from zoo_builder import Zoo
-from zoo_builder.data import load_split
+from vitzoo.zoo_builder import Zoo
+from vitzoo.zoo_builder.data import load_split
 
 
 @pytest.fixture(scope="module")

@@ -12,11 +12,11 @@ import torch
 from conftest import REPO, tiny_blueprint
 from safetensors.torch import load_file
 
-from zoo_builder import Zoo, ZooError
-from zoo_builder.blueprint import blueprint_from_config, expand
-from zoo_builder.build import BuildSettings, SavePolicy, build
-from zoo_builder.data import load_split
-from zoo_builder.zoo import verify
+from vitzoo.zoo_builder import Zoo, ZooError
+from vitzoo.zoo_builder.blueprint import blueprint_from_config, expand
+from vitzoo.zoo_builder.build import BuildSettings, SavePolicy, build
+from vitzoo.zoo_builder.data import load_split
+from vitzoo.zoo_builder.zoo import verify
 
 
 def test_tiny_zoo_has_every_run_with_lineage_and_policy(tiny_zoo):
@@ -188,7 +188,7 @@ def _write_blueprint_preset(tmp_path, epochs: int = 3):
 BUILD_SCRIPT = """
 import json, sys, torch
 torch.set_num_threads(1)
-from zoo_builder.build import BuildSettings, SavePolicy, build
+from vitzoo.zoo_builder.build import BuildSettings, SavePolicy, build
 blueprint = json.load(open(sys.argv[1]))
 build(blueprint, BuildSettings(out=sys.argv[2], shard=sys.argv[3], device="cpu", progress=False,
       save_pretrain=SavePolicy(keep_init=True), save_finetune=SavePolicy()))
@@ -254,7 +254,7 @@ def test_save_policy_keeps_last_epochs_and_more_for_chosen_seeds():
 
 
 def test_resume_keeps_a_diverged_member_in_its_population(tmp_path, monkeypatch):
-    import zoo_builder.build as build_module
+    import vitzoo.zoo_builder.build as build_module
 
     blueprint = tiny_blueprint(pretrain={"optimizer": "sgd", "epochs": 3})
     blueprint["pretrain"]["grid"] = [{"lr": [1e-2, 1e12]}]

@@ -5,9 +5,9 @@ import statistics
 import pytest
 import torch
 
-from zoo_builder import Zoo
-from zoo_builder.data import load_split
-from zoo_builder.zoo import BUNDLED, verify
+from vitzoo.zoo_builder import Zoo
+from vitzoo.zoo_builder.data import load_split
+from vitzoo.zoo_builder.zoo import BUNDLED, verify
 
 
 @pytest.fixture(scope="module")

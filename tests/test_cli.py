@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import offline_run_bytes, run_cli
 
-from zoo_builder import Zoo
-from zoo_builder.zoo import verify
+from vitzoo.zoo_builder import Zoo
+from vitzoo.zoo_builder.zoo import verify
 
 FAST = [
     "threads=1",
@@ -105,10 +105,10 @@ def test_paper_blueprint_preset_instantiates_and_takes_one_population_step():
     from hydra import compose, initialize_config_dir
 
     from vitzoo.cli import CONFIG_DIR
-    from zoo_builder.blueprint import blueprint_from_config, expand
-    from zoo_builder.build import initial_state
-    from zoo_builder.config import register_schemas
-    from zoo_builder.optim import PopulationOptimizer
+    from vitzoo.zoo_builder.blueprint import blueprint_from_config, expand
+    from vitzoo.zoo_builder.build import initial_state
+    from vitzoo.zoo_builder.config import register_schemas
+    from vitzoo.zoo_builder.optim import PopulationOptimizer
 
     register_schemas()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
@@ -125,7 +125,7 @@ def test_paper_blueprint_preset_instantiates_and_takes_one_population_step():
 
     from torch.func import functional_call, grad_and_value, vmap
 
-    from zoo_builder.models import build_vit
+    from vitzoo.zoo_builder.models import build_vit
 
     model = build_vit(blueprint.model_architecture, 1000)
     for module in model.modules():  # as PopulationTrainer does: vmap has no rule for the fused attention kernel
@@ -161,8 +161,8 @@ def test_build_help_shows_the_hydra_config():
 def test_wandb_logger_writes_an_offline_run(tmp_path):
     from conftest import tiny_blueprint
 
-    from zoo_builder.build import BuildSettings, build
-    from zoo_builder.logger import LoggerConfig, make_logger
+    from vitzoo.zoo_builder.build import BuildSettings, build
+    from vitzoo.zoo_builder.logger import LoggerConfig, make_logger
 
     blueprint = tiny_blueprint(pretrain={"epochs": 1, "train_subset": 64})
     blueprint["finetune"] = None
@@ -181,7 +181,7 @@ def test_wandb_logger_logs_report_tables_and_plots(tmp_path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from zoo_builder.logger import LoggerConfig, make_logger
+    from vitzoo.zoo_builder.logger import LoggerConfig, make_logger
 
     plt.plot([0, 1], [0, 1])
     plt.savefig(tmp_path / "accuracy.png")

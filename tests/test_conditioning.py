@@ -4,7 +4,7 @@ import json
 
 from scipy.stats import spearmanr
 
-from eval.conditioning import conditioning, write_conditioning
+from vitzoo.eval.conditioning import conditioning, write_conditioning
 
 
 def test_conditioning_report_is_consistent_with_its_rows(tmp_path):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from zoo_builder.data import DatasetError, _carve, load_split, read_idx
+from vitzoo.zoo_builder.data import DatasetError, _carve, load_split, read_idx
 
 
 def test_digits_splits_are_disjoint_and_fixed():

@@ -6,8 +6,8 @@ import json
 import torch
 from conftest import run_cli
 
-from generative.generator import load_generator
-from zoo_builder import Zoo
+from vitzoo.generative.generator import load_generator
+from vitzoo.zoo_builder import Zoo
 
 
 def test_demo_runs_every_stage_and_resumes(tmp_path):
@@ -76,7 +76,7 @@ def test_demo_on_an_imported_zoo_with_the_gpu_preset(tmp_path):
     its accuracy range, raw novelty distances."""
     from test_import import finetune_config, pretrain_config, results, vit, write_model
 
-    from zoo_builder.importers import import_vitmodelzoo
+    from vitzoo.zoo_builder.importers import import_vitmodelzoo
 
     tiny = {"img_size": 28, "patch_size": 7, "in_chans": 1, "embed_dim": 24, "depth": 2, "num_heads": 2}
     source = tmp_path / "source" / "sl_parent"

@@ -5,9 +5,9 @@ import shutil
 import pytest
 import torch
 
-from eval.evaluation import evaluate
-from zoo_builder import Zoo
-from zoo_builder.data import load_split
+from vitzoo.eval.evaluation import evaluate
+from vitzoo.zoo_builder import Zoo
+from vitzoo.zoo_builder.data import load_split
 
 
 @pytest.fixture(scope="module")
@@ -81,3 +81,22 @@ def test_cli_evaluate_writes_results_report_and_plot(tmp_path):
     assert list(out.glob("logs/*/.hydra/config.yaml"))
     failed = run_cli("evaluate", "no/such/zoo", check=False)
     assert failed.returncode == 2 and "not a zoo" in failed.stderr
+
+
+def test_report_of_a_zoo_with_two_datasets_keeps_predictions_per_dataset(tmp_path):
+    """Parents (Fashion-MNIST, 10,000 test images) and fine-tunes (digits, 359) in one report: no stacking across."""
+    from safetensors import safe_open
+
+    from vitzoo.eval.report import write_evaluation
+
+    zoo = Zoo.open("bundled")
+    parents = zoo.filter(stage="pretrain", epoch="last")
+    children = zoo.filter(stage="finetune", epoch="last", seed=42, lr=3e-3, optimizer="adamw", head="linear")
+    mixed = Zoo(zoo.root, zoo.meta, zoo.records, [parents[0], parents[1], children[0]])
+    write_evaluation(mixed, None, "test", tmp_path, config={}, progress=False)
+    with safe_open(tmp_path / "predictions.safetensors", "pt") as f:
+        assert f.get_tensor("predictions/fashion_mnist").shape == (2, 10_000)
+        assert f.get_tensor("predictions/digits").shape == (1, 359)
+        assert f.metadata()["models/digits"] == f"{children[0].model_id}@{children[0].epoch}"
+    report = (tmp_path / "report.md").read_text()
+    assert "pretrain on fashion_mnist | 2 |" in report and "finetune on digits | 1 |" in report

@@ -6,14 +6,14 @@ import pytest
 import torch
 from conftest import run_cli
 
-from generative.autoencoder import AutoencoderConfig, HyperAutoencoder, reconstruction_error
-from generative.data import DeltaSet
-from generative.diffusion import DiffusionConfig
-from generative.family import FamilyBasis
-from generative.generator import ConditionError, load_generator, sample, train_generator
-from generative.hyper import embeddings, load_autoencoder, sample_kde, train_autoencoder
-from zoo_builder import Zoo
-from zoo_builder.zoo import ZooError, write_sampled
+from vitzoo.generative.autoencoder import AutoencoderConfig, HyperAutoencoder, reconstruction_error
+from vitzoo.generative.data import DeltaSet
+from vitzoo.generative.diffusion import DiffusionConfig
+from vitzoo.generative.family import FamilyBasis
+from vitzoo.generative.generator import ConditionError, load_generator, sample, train_generator
+from vitzoo.generative.hyper import embeddings, load_autoencoder, sample_kde, train_autoencoder
+from vitzoo.zoo_builder import Zoo
+from vitzoo.zoo_builder.zoo import ZooError, write_sampled
 
 TINY = DiffusionConfig(d_model=16, depth=1, heads=2, mixtures=24, steps=12, batch_size=16)
 TINY_AUTOENCODER = dict(d_model=16, depth=1, heads=2, latent=4, embedding=8, batch_size=4)
@@ -62,7 +62,7 @@ def test_training_resumes_to_the_same_generator(tmp_path, monkeypatch):
     zoo = Zoo.open("bundled")
     whole = train_generator(zoo, tmp_path / "whole", TINY, fake_measure, save_every=4, progress=False)
 
-    import generative.generator as module
+    import vitzoo.generative.generator as module
 
     writes = []
     original = module.save_training_state
@@ -221,7 +221,7 @@ def test_windowed_autoencoder_training_resumes_exactly(tmp_path, monkeypatch):
     config = AutoencoderConfig(**TINY_AUTOENCODER, steps=4, window=64, window_stride=32)
     whole = train_autoencoder(zoo, tmp_path / "whole", config, save_every=2, progress=False)
 
-    import generative.hyper as module
+    import vitzoo.generative.hyper as module
 
     original = module.save_training_state
 
@@ -271,7 +271,7 @@ def test_a_generator_over_both_head_types_samples_the_head_it_is_asked_for(tmp_p
 
 
 def test_an_autoencoder_over_both_head_types_embeds_bodies_and_probes_head_type(tmp_path):
-    from generative.probe import probe
+    from vitzoo.generative.probe import probe
 
     zoo = Zoo.open("bundled")
     both = DeltaSet(zoo, head="all")

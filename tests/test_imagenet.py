@@ -5,9 +5,9 @@ import torch
 from conftest import tiny_blueprint
 from PIL import Image
 
-from zoo_builder import Zoo
-from zoo_builder.build import BuildSettings, build
-from zoo_builder.data import DATASETS, DatasetError, ImageFiles, load_split
+from vitzoo.zoo_builder import Zoo
+from vitzoo.zoo_builder.build import BuildSettings, build
+from vitzoo.zoo_builder.data import DATASETS, DatasetError, ImageFiles, load_split
 
 MEAN, STD = DATASETS["imagenet"].mean, DATASETS["imagenet"].std
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from vitzoo.cli import main
-from zoo_builder.importers import ImportErrorBadInput, import_vitmodelzoo
+from vitzoo.zoo_builder.importers import ImportErrorBadInput, import_vitmodelzoo
 
 TINY = {"img_size": 32, "patch_size": 16, "embed_dim": 24, "depth": 2, "num_heads": 2}
 PARENT = "sl_vit_tiny_seed_42"  # a pre-trained model's directory name, as fine-tuning configs refer to it
@@ -330,7 +330,7 @@ def test_cli_import(tiny_source, tmp_path, capsys):
 
 def test_imported_checkpoints_tokenize_exactly(tiny_source, tmp_path):
     """The keys of the official zoo after import are timm's: the tokenizer reads them bit for bit."""
-    from tokenizer import TokenSpec, detokenize, tokenize
+    from vitzoo.tokenizer import TokenSpec, detokenize, tokenize
 
     src, _ = tiny_source
     zoo = import_vitmodelzoo(src, tmp_path / "zoo", progress=False)

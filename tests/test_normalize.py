@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from tokenizer.normalize import Normalizer
-from zoo_builder import Zoo
+from vitzoo.tokenizer.normalize import Normalizer
+from vitzoo.zoo_builder import Zoo
 
 
 @pytest.fixture(scope="module")

@@ -6,14 +6,14 @@ import pytest
 import torch
 from conftest import run_cli
 
-from eval.baselines import gaussian, noise_around, random_init
-from eval.compare import compare
-from eval.evaluation import evaluate
-from eval.finetune import FinetuneRecipe, finetune_curves
-from eval.novelty import NoveltyReference, agreement, error_iou, shared_keys, weight_distances
-from tokenizer.symmetries import align_to, permutable_layers, random_permutation
-from zoo_builder import Zoo
-from zoo_builder.zoo import ZooError, write_sampled
+from vitzoo.eval.baselines import gaussian, noise_around, random_init
+from vitzoo.eval.compare import compare
+from vitzoo.eval.evaluation import evaluate
+from vitzoo.eval.finetune import FinetuneRecipe, finetune_curves
+from vitzoo.eval.novelty import NoveltyReference, agreement, error_iou, shared_keys, weight_distances
+from vitzoo.tokenizer.symmetries import align_to, permutable_layers, random_permutation
+from vitzoo.zoo_builder import Zoo
+from vitzoo.zoo_builder.zoo import ZooError, write_sampled
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,8 @@
 
 import torch
 
-from eval.soups import average, epoch_soups, parent_soups
-from zoo_builder import Zoo
+from vitzoo.eval.soups import average, epoch_soups, parent_soups
+from vitzoo.zoo_builder import Zoo
 
 
 def test_average_is_exact_and_covers_every_tensor():

@@ -4,8 +4,8 @@ import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from tokenizer.symmetries import align_to, permute, random_permutation
-from zoo_builder import Zoo
+from vitzoo.tokenizer.symmetries import align_to, permute, random_permutation
+from vitzoo.zoo_builder import Zoo
 
 
 def small_vit(**kwargs):
@@ -57,7 +57,7 @@ def test_align_to_undoes_a_permutation_exactly():
 
 
 def test_bundled_model_permutation_keeps_its_accuracy():
-    from zoo_builder.data import load_split
+    from vitzoo.zoo_builder.data import load_split
 
     entry = Zoo.open("bundled").filter(stage="finetune", head="mlp", epoch="last")[0]
     model = entry.model()

@@ -3,10 +3,10 @@
 import torch
 from torch.utils.data import DataLoader
 
-from tokenizer import TokenSpec, detokenize
-from tokenizer.dataset import Augmentation, TokenDataset, collate
-from tokenizer.normalize import Normalizer
-from zoo_builder import Zoo
+from vitzoo.tokenizer import TokenSpec, detokenize
+from vitzoo.tokenizer.dataset import Augmentation, TokenDataset, collate
+from vitzoo.tokenizer.normalize import Normalizer
+from vitzoo.zoo_builder import Zoo
 
 
 def bundled_selection():
@@ -47,7 +47,7 @@ def test_two_augmented_views_differ_but_keep_the_function():
     item = dataset[0]
     assert item["values"].shape == (2, spec.num_tokens, 16)
     assert not torch.equal(item["values"][0], item["values"][1])
-    from zoo_builder.data import load_split
+    from vitzoo.zoo_builder.data import load_split
 
     images, _ = load_split("digits", "test")
     model = zoo[0].model()

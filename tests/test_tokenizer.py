@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from tokenizer import ROLES, TokenizerError, TokenSpec, detokenize, tokenize, tokenize_batch
-from zoo_builder import Zoo
+from vitzoo.tokenizer import ROLES, TokenizerError, TokenSpec, detokenize, tokenize, tokenize_batch
+from vitzoo.zoo_builder import Zoo
 
 
 def assert_exact_round_trip(state_dict, spec):

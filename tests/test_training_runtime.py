@@ -10,16 +10,16 @@ import pytest
 import torch
 from conftest import offline_run_bytes, run_cli
 
-from generative.autoencoder import AutoencoderConfig, HyperAutoencoder
-from generative.checkpoint import read_checkpoint
-from generative.diffusion import DiffusionConfig
-from generative.generator import train_generator
-from generative.hyper import AutoencoderObjective, augmented_views, embedding_rows, load_autoencoder, train_autoencoder
-from generative.runtime import Runtime, close_runtime, start_runtime
-from tokenizer.symmetries import permutable_layers
-from tokenizer.tokens import detokenize
-from zoo_builder import Zoo
-from zoo_builder.zoo import ZooError
+from vitzoo.generative.autoencoder import AutoencoderConfig, HyperAutoencoder
+from vitzoo.generative.checkpoint import read_checkpoint
+from vitzoo.generative.diffusion import DiffusionConfig
+from vitzoo.generative.generator import train_generator
+from vitzoo.generative.hyper import AutoencoderObjective, augmented_views, embedding_rows, load_autoencoder, train_autoencoder
+from vitzoo.generative.runtime import Runtime, close_runtime, start_runtime
+from vitzoo.tokenizer.symmetries import permutable_layers
+from vitzoo.tokenizer.tokens import detokenize
+from vitzoo.zoo_builder import Zoo
+from vitzoo.zoo_builder.zoo import ZooError
 
 DIFFUSION = DiffusionConfig(d_model=16, depth=1, heads=2, mixtures=24, steps=12, batch_size=16)
 AUTOENCODER = AutoencoderConfig(d_model=16, depth=1, heads=2, steps=4, batch_size=4)
@@ -34,8 +34,8 @@ def fake_measure(state_dicts):
 def test_loss_draws_negatives_from_the_gathered_batch(window):
     """What data-parallel training relies on: NT-Xent over the gathered embeddings of every rank's share, the
     reconstruction over this share only, and the share's gradient scaled by the number of ranks."""
-    from generative.data import DeltaSet
-    from generative.hyper import _ScaleGradient
+    from vitzoo.generative.data import DeltaSet
+    from vitzoo.generative.hyper import _ScaleGradient
 
     data = DeltaSet(Zoo.open("bundled"))
     config = replace(AUTOENCODER, window=window, window_stride=window // 2)
@@ -97,7 +97,7 @@ def test_logging_receives_sample_accuracy_and_changes_nothing(tmp_path):
 
 
 def test_autoencoder_embeddings_are_logged_as_a_table(tmp_path):
-    from zoo_builder.logger import LoggerConfig, make_logger
+    from vitzoo.zoo_builder.logger import LoggerConfig, make_logger
 
     path = train_autoencoder(Zoo.open("bundled"), tmp_path / "a", AUTOENCODER, progress=False)
     rows = embedding_rows(load_autoencoder(path))

@@ -16,7 +16,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from tokenizer.spec import TokenizerError
+from vitzoo.tokenizer.spec import TokenizerError
 
 
 def vit_kwargs_from_state_dict(state_dict: dict[str, torch.Tensor], num_heads: int | None = None) -> dict:

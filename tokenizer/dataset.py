@@ -14,11 +14,11 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Dataset
 
-from tokenizer.normalize import Normalizer
-from tokenizer.spec import TokenSpec
-from tokenizer.symmetries import permutable_layers, random_permutation
-from tokenizer.tokens import tokenize
-from zoo_builder.zoo import Zoo
+from vitzoo.tokenizer.normalize import Normalizer
+from vitzoo.tokenizer.spec import TokenSpec
+from vitzoo.tokenizer.symmetries import permutable_layers, random_permutation
+from vitzoo.tokenizer.tokens import tokenize
+from vitzoo.zoo_builder.zoo import Zoo
 
 
 @dataclass

@@ -73,7 +73,7 @@ class Normalizer:
             raise KeyError(f"no normalisation statistics for {missing[:5]}: fitted on another architecture?")
 
     def save(self, path: str | Path) -> None:
-        from zoo_builder.zoo import atomic_write_json
+        from vitzoo.zoo_builder.zoo import atomic_write_json
 
         atomic_write_json(Path(path), {"mode": self.mode, "mean": self.mean, "std": self.std,
                                        "checkpoints": self.checkpoints})  # fmt: skip

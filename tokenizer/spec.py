@@ -110,7 +110,7 @@ class TokenSpec:
             num_heads: attention heads per block; shapes cannot tell it. When omitted, timm's convention of
                 64-wide heads is assumed only if the width divides by 64, else this is an error.
         """
-        from tokenizer.architecture import vit_from_state_dict
+        from vitzoo.tokenizer.architecture import vit_from_state_dict
 
         model = vit_from_state_dict(state_dict, num_heads)
         spec = cls.from_model(model, width)
@@ -186,7 +186,7 @@ class TokenSpec:
         return cls(data["width"], [Segment(**s) for s in data["segments"]], data.get("architecture", {}))
 
     def save(self, path: str | Path) -> None:
-        from zoo_builder.zoo import atomic_write_json
+        from vitzoo.zoo_builder.zoo import atomic_write_json
 
         atomic_write_json(Path(path), self.to_dict())
 

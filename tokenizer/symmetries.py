@@ -19,7 +19,7 @@ from scipy.optimize import linear_sum_assignment
 from timm.layers import Mlp
 from timm.models.vision_transformer import Attention
 
-from tokenizer.architecture import vit_from_state_dict
+from vitzoo.tokenizer.architecture import vit_from_state_dict
 
 
 @dataclass

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tokenizer.spec import TokenizerError, TokenSpec
+from vitzoo.tokenizer.spec import TokenizerError, TokenSpec
 
 
 @dataclass

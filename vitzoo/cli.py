@@ -12,8 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-import configs
-
+from vitzoo import configs
 CONFIG_DIR = str(Path(configs.__file__).resolve().parent)
 
 COMMANDS = {
@@ -105,7 +104,7 @@ def validate_overrides(config_name: str, overrides: list[str]) -> None:
         for job in jobs:
             cfg = compose(config_name=config_name, overrides=list(job))
             if config_name == "build":
-                from zoo_builder.blueprint import blueprint_from_config
+                from vitzoo.zoo_builder.blueprint import blueprint_from_config
 
                 blueprint_from_config(cfg.zoo)
     GlobalHydra.instance().clear()
@@ -114,7 +113,7 @@ def validate_overrides(config_name: str, overrides: list[str]) -> None:
 def run_hydra(command: str, config_name: str, overrides: list[str], task) -> None:
     import hydra
 
-    from zoo_builder.config import register_schemas
+    from vitzoo.zoo_builder.config import register_schemas
 
     register_schemas()
     if not any(flag in overrides for flag in ("--help", "-h", "--hydra-help", "--info", "--cfg", "-c")):
@@ -142,10 +141,10 @@ def build_task(cfg) -> None:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
-    from zoo_builder.build import BuildSettings, build
-    from zoo_builder.data import DatasetError
-    from zoo_builder.logger import make_logger
-    from zoo_builder.zoo import Zoo, ZooError
+    from vitzoo.zoo_builder.build import BuildSettings, build
+    from vitzoo.zoo_builder.data import DatasetError
+    from vitzoo.zoo_builder.logger import make_logger
+    from vitzoo.zoo_builder.zoo import Zoo, ZooError
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -178,7 +177,7 @@ def build_task(cfg) -> None:
 
 
 def save_policy(cfg):
-    from zoo_builder.build import SavePolicy
+    from vitzoo.zoo_builder.build import SavePolicy
 
     return SavePolicy(cfg.keep_last, cfg.keep_init, tuple(cfg.extra_seeds), cfg.extra_keep_last)
 
@@ -187,13 +186,13 @@ def evaluate_task(cfg) -> None:
     import torch
     from omegaconf import OmegaConf
 
-    from eval.compare import compare, write_comparison
-    from eval.finetune import FinetuneRecipe
-    from eval.report import write_evaluation
-    from zoo_builder.data import DatasetError
-    from zoo_builder.logger import make_logger
-    from zoo_builder.models import select_device
-    from zoo_builder.zoo import Zoo, ZooError
+    from vitzoo.eval.compare import compare, write_comparison
+    from vitzoo.eval.finetune import FinetuneRecipe
+    from vitzoo.eval.report import write_evaluation
+    from vitzoo.zoo_builder.data import DatasetError
+    from vitzoo.zoo_builder.logger import make_logger
+    from vitzoo.zoo_builder.models import select_device
+    from vitzoo.zoo_builder.zoo import Zoo, ZooError
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -247,9 +246,9 @@ def analyze_task(cfg) -> None:
     import torch
     from omegaconf import OmegaConf
 
-    from eval.analyze import headline, select, write_analysis
-    from zoo_builder.data import DatasetError
-    from zoo_builder.zoo import Zoo, ZooError
+    from vitzoo.eval.analyze import headline, select, write_analysis
+    from vitzoo.zoo_builder.data import DatasetError
+    from vitzoo.zoo_builder.zoo import Zoo, ZooError
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -271,10 +270,10 @@ def soup_task(cfg) -> None:
     import torch
     from omegaconf import OmegaConf
 
-    from eval.soups import write_soups
-    from zoo_builder.data import DatasetError
-    from zoo_builder.models import select_device
-    from zoo_builder.zoo import Zoo, ZooError
+    from vitzoo.eval.soups import write_soups
+    from vitzoo.zoo_builder.data import DatasetError
+    from vitzoo.zoo_builder.models import select_device
+    from vitzoo.zoo_builder.zoo import Zoo, ZooError
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -290,7 +289,7 @@ def soup_task(cfg) -> None:
 
 def measure_on(dataset: str, split: str, num_heads: int | None, data_root: str | None, device="cpu"):
     """A callback giving the accuracy of state dicts on one split (the batched evaluator, for generators)."""
-    from eval.evaluation import evaluate
+    from vitzoo.eval.evaluation import evaluate
 
     def measure(state_dicts):
         pairs = [(str(i), state_dict) for i, state_dict in enumerate(state_dicts)]
@@ -306,12 +305,12 @@ def train_task(cfg) -> None:
     import torch
     from omegaconf import OmegaConf
 
-    from generative.autoencoder import AutoencoderConfig
-    from generative.diffusion import DiffusionConfig
-    from generative.runtime import close_runtime, start_runtime
-    from zoo_builder.data import DatasetError
-    from zoo_builder.logger import make_logger
-    from zoo_builder.zoo import Zoo, ZooError
+    from vitzoo.generative.autoencoder import AutoencoderConfig
+    from vitzoo.generative.diffusion import DiffusionConfig
+    from vitzoo.generative.runtime import close_runtime, start_runtime
+    from vitzoo.zoo_builder.data import DatasetError
+    from vitzoo.zoo_builder.logger import make_logger
+    from vitzoo.zoo_builder.zoo import Zoo, ZooError
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -333,14 +332,14 @@ def train_task(cfg) -> None:
             logger = make_logger(OmegaConf.to_object(cfg.logger), resolved, str(cfg.path), out, job_type="train")
         log = logger.run.log if logger is not None else None
         if name == "diffusion":
-            from generative.generator import train_generator
+            from vitzoo.generative.generator import train_generator
 
             measure = measure_on(zoo.dataset, "val", zoo.architecture.kwargs.get("num_heads"), cfg.data_root,
                                  runtime.device)  # fmt: skip
             path = train_generator(zoo, out, config, measure, cfg.head, cfg.save_every, cfg.progress, log, runtime,
                                    cfg.sample_every, cfg.sample_n)  # fmt: skip
         else:
-            from generative.hyper import embedding_rows, load_autoencoder, train_autoencoder
+            from vitzoo.generative.hyper import embedding_rows, load_autoencoder, train_autoencoder
 
             path = train_autoencoder(zoo, out, config, cfg.head, cfg.save_every, cfg.progress, log, runtime)
             if logger is not None:
@@ -353,7 +352,7 @@ def train_task(cfg) -> None:
         if runtime is not None:
             close_runtime(runtime)
     if runtime.main:
-        from generative.runtime import timing_line
+        from vitzoo.generative.runtime import timing_line
 
         print(f"{name} written to {path} ({path.stat().st_size / 1e6:.2f} MB)")
         print(timing_line(json.loads((out / "timing.json").read_text())))
@@ -365,10 +364,10 @@ def demo_task(cfg) -> None:
     from omegaconf import OmegaConf
 
     from vitzoo.demo import conditioning_line, run_demo, table
-    from zoo_builder.data import DatasetError
-    from zoo_builder.logger import make_logger
-    from zoo_builder.models import select_device
-    from zoo_builder.zoo import Zoo, ZooError
+    from vitzoo.zoo_builder.data import DatasetError
+    from vitzoo.zoo_builder.logger import make_logger
+    from vitzoo.zoo_builder.models import select_device
+    from vitzoo.zoo_builder.zoo import Zoo, ZooError
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -379,7 +378,7 @@ def demo_task(cfg) -> None:
         zoo = Zoo.open(cfg.path)
         device = select_device(cfg.device)
         measure = measure_on(zoo.dataset, "val", zoo.architecture.kwargs.get("num_heads"), cfg.data_root, device)
-        from generative.generator import BUNDLED_GENERATOR
+        from vitzoo.generative.generator import BUNDLED_GENERATOR
 
         summary = run_demo(cfg, BUNDLED_GENERATOR, measure, device)
         logger = make_logger(OmegaConf.to_object(cfg.logger), resolved, str(cfg.path), Path(cfg.out), job_type="demo")
@@ -403,11 +402,11 @@ def demo_task(cfg) -> None:
 def sample_task(cfg) -> None:
     import torch
 
-    from generative.checkpoint import checkpoint_format
-    from generative.generator import BUNDLED_GENERATOR, ConditionError, load_generator, sample
-    from generative.hyper import FORMAT as AUTOENCODER_FORMAT
-    from generative.hyper import load_autoencoder, sample_kde
-    from zoo_builder.zoo import Zoo, ZooError, write_sampled
+    from vitzoo.generative.checkpoint import checkpoint_format
+    from vitzoo.generative.generator import BUNDLED_GENERATOR, ConditionError, load_generator, sample
+    from vitzoo.generative.hyper import FORMAT as AUTOENCODER_FORMAT
+    from vitzoo.generative.hyper import load_autoencoder, sample_kde
+    from vitzoo.zoo_builder.zoo import Zoo, ZooError, write_sampled
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -439,7 +438,7 @@ def sample_task(cfg) -> None:
 
 
 def verify_command(args: list[str]) -> None:
-    from zoo_builder.zoo import verify
+    from vitzoo.zoo_builder.zoo import verify
 
     parser = argparse.ArgumentParser(prog="vitzoo verify", description=COMMANDS["verify"])
     parser.add_argument("zoo", help="zoo directory, or 'bundled'")
@@ -456,9 +455,9 @@ def verify_command(args: list[str]) -> None:
 def probe_command(args: list[str]) -> None:
     import torch
 
-    from generative.hyper import load_autoencoder
-    from generative.probe import probe
-    from zoo_builder.zoo import ZooError, atomic_write_json, code_version
+    from vitzoo.generative.hyper import load_autoencoder
+    from vitzoo.generative.probe import probe
+    from vitzoo.zoo_builder.zoo import ZooError, atomic_write_json, code_version
 
     parser = argparse.ArgumentParser(prog="vitzoo probe", description=COMMANDS["probe"])
     parser.add_argument("autoencoder", help="autoencoder checkpoint (vitzoo train <zoo> model=autoencoder)")
@@ -492,7 +491,7 @@ def probe_command(args: list[str]) -> None:
 
 
 def import_command(args: list[str]) -> None:
-    from zoo_builder.importers import IMPORTERS, ImportErrorBadInput
+    from vitzoo.zoo_builder.importers import IMPORTERS, ImportErrorBadInput
 
     parser = argparse.ArgumentParser(prog="vitzoo import", description=COMMANDS["import"])
     parser.add_argument("layout", choices=sorted(IMPORTERS), help="the foreign layout")

@@ -28,15 +28,15 @@ from typing import Callable
 import torch
 from omegaconf import OmegaConf
 
-from eval.compare import GAUSSIAN, NOISE, RANDOM, ZOO, compare, write_comparison
-from eval.finetune import FinetuneRecipe
-from eval.soups import write_soups
-from generative.checkpoint import read_checkpoint
-from generative.diffusion import DiffusionConfig
-from generative.generator import load_generator, sample, train_generator
-from tokenizer.spec import TokenSpec
-from tokenizer.tokens import detokenize, tokenize
-from zoo_builder.zoo import Zoo, ZooError, atomic_write_json, code_version, write_sampled
+from vitzoo.eval.compare import GAUSSIAN, NOISE, RANDOM, ZOO, compare, write_comparison
+from vitzoo.eval.finetune import FinetuneRecipe
+from vitzoo.eval.soups import write_soups
+from vitzoo.generative.checkpoint import read_checkpoint
+from vitzoo.generative.diffusion import DiffusionConfig
+from vitzoo.generative.generator import load_generator, sample, train_generator
+from vitzoo.tokenizer.spec import TokenSpec
+from vitzoo.tokenizer.tokens import detokenize, tokenize
+from vitzoo.zoo_builder.zoo import Zoo, ZooError, atomic_write_json, code_version, write_sampled
 
 STAGES = ("tokenize", "generator", "sample", "evaluate", "soups", "report")
 # rough seconds per stage on 2 CPU cores (bundled zoo), for the progress display's time left

@@ -1,5 +1,5 @@
 """Zoo builder: ViT factory, datasets, population training, the zoo format and importers."""
 
-from zoo_builder.zoo import Zoo, ZooEntry, ZooError
+from vitzoo.zoo_builder.zoo import Zoo, ZooEntry, ZooError
 
 __all__ = ["Zoo", "ZooEntry", "ZooError"]

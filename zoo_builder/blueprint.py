@@ -16,8 +16,8 @@ import json
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, List, Optional  # OmegaConf's typed configs need typing's generics
 
-from zoo_builder.data import info as dataset_info
-from zoo_builder.models import HEADS, INIT_SCHEMES, Architecture
+from vitzoo.zoo_builder.data import info as dataset_info
+from vitzoo.zoo_builder.models import HEADS, INIT_SCHEMES, Architecture
 
 OBJECTIVES = ("supervised", "contrastive")
 OPTIMIZERS = ("adamw", "sgd")

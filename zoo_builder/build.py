@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save
 
-from zoo_builder.blueprint import Blueprint, Run, blueprint_from_config, expand, parse_shard, select_shard
-from zoo_builder.models import Architecture, build_vit, init_linear_layers, initialize_weights, new_head, select_device
-from zoo_builder.population import PopulationTrainer, stack_key
-from zoo_builder.zoo import ZooWriter, atomic_write_bytes, code_version, finite_or_none, locked, sha256_bytes
+from vitzoo.zoo_builder.blueprint import Blueprint, Run, blueprint_from_config, expand, parse_shard, select_shard
+from vitzoo.zoo_builder.models import Architecture, build_vit, init_linear_layers, initialize_weights, new_head, select_device
+from vitzoo.zoo_builder.population import PopulationTrainer, stack_key
+from vitzoo.zoo_builder.zoo import ZooWriter, atomic_write_bytes, code_version, finite_or_none, locked, sha256_bytes
 
 FINISHED = ("done", "diverged", "skipped")
 

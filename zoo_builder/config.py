@@ -8,8 +8,8 @@ from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 
-from zoo_builder.blueprint import Blueprint
-from zoo_builder.logger import LoggerConfig
+from vitzoo.zoo_builder.blueprint import Blueprint
+from vitzoo.zoo_builder.logger import LoggerConfig
 
 
 @dataclass

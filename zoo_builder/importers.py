@@ -44,11 +44,11 @@ from pathlib import Path, PurePosixPath
 
 import torch
 
-from zoo_builder.blueprint import OPTIMIZERS, Factors
-from zoo_builder.data import DATASETS
-from zoo_builder.data import info as dataset_info
-from zoo_builder.models import INIT_SCHEMES, Architecture, build_vit
-from zoo_builder.zoo import Zoo, ZooError, ZooWriter, code_version, finite_or_none
+from vitzoo.zoo_builder.blueprint import OPTIMIZERS, Factors
+from vitzoo.zoo_builder.data import DATASETS
+from vitzoo.zoo_builder.data import info as dataset_info
+from vitzoo.zoo_builder.models import INIT_SCHEMES, Architecture, build_vit
+from vitzoo.zoo_builder.zoo import Zoo, ZooError, ZooWriter, code_version, finite_or_none
 
 
 class ImportErrorBadInput(ValueError):

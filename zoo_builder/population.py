@@ -17,12 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad_and_value, vmap
 
-from zoo_builder.augment import affine_params, augment, epoch_generator
-from zoo_builder.blueprint import Factors
-from zoo_builder.data import info as dataset_info
-from zoo_builder.data import load_split, resize_for, take
-from zoo_builder.models import Architecture, autocast, build_vit, check_precision
-from zoo_builder.optim import PopulationOptimizer, torch_optimizer
+from vitzoo.zoo_builder.augment import affine_params, augment, epoch_generator
+from vitzoo.zoo_builder.blueprint import Factors
+from vitzoo.zoo_builder.data import info as dataset_info
+from vitzoo.zoo_builder.data import load_split, resize_for, take
+from vitzoo.zoo_builder.models import Architecture, autocast, build_vit, check_precision
+from vitzoo.zoo_builder.optim import PopulationOptimizer, torch_optimizer
 
 # factors that must agree inside one population (they fix shapes, the data or the optimizer's code path)
 STACK_FACTORS = (

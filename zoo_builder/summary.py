@@ -1,6 +1,6 @@
 """Accuracy spread of a zoo's final models, per parent and per generating factor, as Markdown tables.
 
-python -m zoo_builder.summary bundled          # prints the tables (the bundled zoo's SUMMARY.md)
+python -m vitzoo.zoo_builder.summary bundled          # prints the tables (the bundled zoo's SUMMARY.md)
 """
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import statistics
 
-from zoo_builder.zoo import Zoo
+from vitzoo.zoo_builder.zoo import Zoo
 
 FACTORS = ("head", "optimizer", "lr", "seed")
 

@@ -32,7 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from zoo_builder.models import Architecture, build_vit
+from vitzoo.zoo_builder.models import Architecture, build_vit
 
 FORMAT_VERSION = 1
 STAGES = ("pretrain", "finetune", "sampled")
