@@ -25,6 +25,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from vitzoo.errors import VitzooError
 from vitzoo.generative.checkpoint import (
     load_training_state,
     open_checkpoint,
@@ -53,7 +54,7 @@ BASELINES = ("random", "gaussian", "noise")
 METHODS = ("diffusion", "mix", *BASELINES)
 
 
-class ConditionError(ValueError):
+class ConditionError(VitzooError, ValueError):
     """A sampling condition the generator was not trained on."""
 
 

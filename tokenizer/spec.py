@@ -30,6 +30,8 @@ from timm.layers import LayerScale, Mlp, PatchEmbed
 from timm.models.vision_transformer import Attention, Block, VisionTransformer
 from torch import nn
 
+from vitzoo.errors import VitzooError
+
 ROLES = (
     "patch_embed", "cls_token", "reg_token", "dist_token", "pos_embed", "norm", "q", "k", "v", "qk_norm",
     "attn_proj", "layerscale", "fc1", "fc2", "mlp_norm", "final_norm", "head", "other",
@@ -38,7 +40,7 @@ POSITION_FIELDS = ("segment", "block", "role", "head", "row", "chunk")
 SPEC_VERSION = 1
 
 
-class TokenizerError(ValueError):
+class TokenizerError(VitzooError, ValueError):
     """Input that does not fit a spec: wrong keys, shapes, widths or non-finite values (the message names it)."""
 
 

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vitzoo.errors import VitzooError
+
 SPLITS = ("train", "val", "test")
 VAL_SEED = 0  # fixed: the val split must be the same on every machine and in every run
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
@@ -48,7 +50,7 @@ DATASETS: dict[str, DatasetInfo] = {
 }
 
 
-class DatasetError(ValueError):
+class DatasetError(VitzooError, ValueError):
     """A dataset that is unknown, missing from disk or asked for with a bad split."""
 
 

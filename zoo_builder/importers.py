@@ -44,6 +44,7 @@ from pathlib import Path, PurePosixPath
 
 import torch
 
+from vitzoo.errors import VitzooError
 from vitzoo.zoo_builder.blueprint import OPTIMIZERS, Factors
 from vitzoo.zoo_builder.data import DATASETS
 from vitzoo.zoo_builder.data import info as dataset_info
@@ -51,7 +52,7 @@ from vitzoo.zoo_builder.models import INIT_SCHEMES, Architecture, build_vit
 from vitzoo.zoo_builder.zoo import Zoo, ZooError, ZooWriter, code_version, finite_or_none
 
 
-class ImportErrorBadInput(ValueError):
+class ImportErrorBadInput(VitzooError, ValueError):
     """A source that is missing or does not follow its layout (the CLI reports it in one line, exit code 2)."""
 
 

@@ -32,6 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from vitzoo.errors import VitzooError
 from vitzoo.zoo_builder.models import Architecture, build_vit
 
 FORMAT_VERSION = 1
@@ -39,7 +40,7 @@ STAGES = ("pretrain", "finetune", "sampled")
 BUNDLED = Path(__file__).resolve().parent / "bundled"
 
 
-class ZooError(RuntimeError):
+class ZooError(VitzooError):
     """A zoo that is missing, corrupted or incompatible with what was asked."""
 
 
