@@ -7,7 +7,12 @@ resumable and shardable:
   weights, optimizer state, metrics) *before* its checkpoints and records, so a build killed at any
   point continues from the last finished epoch and re-creates whatever that epoch had not yet written;
 - `shard=i/n` trains whole families (a parent and its fine-tunes) of every n-th lineage, so several
-  builders can fill one zoo without touching each other's runs.
+  builders can fill one zoo without touching each other's runs;
+- a resumed run continues the same training or is refused: every unfinished record names the training it
+  belongs to (its population, and the shard, population size, mode and precision that made it), and a
+  build that would train it in another population or another way stops with the reason instead of mixing
+  two trainings in one record.
+Parents are read through the zoo's checked reader (`read_checkpoint`: sha256, size, path inside the zoo).
 """
 
 from __future__ import annotations
@@ -18,14 +23,35 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save
 
 from vitzoo.zoo_builder.blueprint import Blueprint, Run, blueprint_from_config, expand, parse_shard, select_shard
-from vitzoo.zoo_builder.models import Architecture, build_vit, init_linear_layers, initialize_weights, new_head, select_device
+from vitzoo.zoo_builder.models import (
+    Architecture,
+    build_vit,
+    init_linear_layers,
+    initialize_weights,
+    new_head,
+    select_device,
+)
 from vitzoo.zoo_builder.population import PopulationTrainer, stack_key
-from vitzoo.zoo_builder.zoo import ZooWriter, atomic_write_bytes, code_version, finite_or_none, locked, sha256_bytes
+from vitzoo.zoo_builder.zoo import (
+    FINISHED,
+    ZooError,
+    ZooWriter,
+    atomic_write_bytes,
+    code_version,
+    finite_or_none,
+    locked,
+    read_bounded,
+    read_checkpoint,
+    sha256_bytes,
+)
 
-FINISHED = ("done", "diverged", "skipped")
+# the parts of a run's training that must not change when it is resumed (the rest of `training_of` is shown
+# in the refusal so the user can rerun with the same arguments)
+SAME_TRAINING = ("population", "mode", "precision")
 
 
 @dataclass
@@ -97,7 +123,42 @@ def population_id(runs: list[Run]) -> str:
     return sha256_bytes(json.dumps(sorted(r.model_id for r in runs)).encode())[:16]
 
 
-def new_record(run: Run, blueprint_name: str | None = None) -> dict:
+def training_of(runs: list[Run], settings: BuildSettings) -> dict:
+    """What makes one training of a population: the same runs trained together the same way give the same
+    weights bit for bit (a population of other runs sums floats in another order)."""
+    return {
+        "population": population_id(runs),
+        "shard": settings.shard,
+        "population_size": settings.population_size,
+        "mode": settings.mode,
+        "precision": settings.precision,
+    }
+
+
+def check_same_training(records: dict[str, dict], training: dict, state_path: Path) -> None:
+    """Refuses to continue a run that an interrupted build trained in another population or another way."""
+    for model_id, record in records.items():
+        if record["status"] in FINISHED:
+            continue
+        before = record.get("training")
+        if before is not None and all(before.get(k) == training[k] for k in SAME_TRAINING):
+            continue
+        if before is None:
+            was = "an older vitzoo that did not record its training"
+        else:
+            was = ", ".join(f"{k}={before.get(k)}" for k in ("shard", "population_size", "mode", "precision"))
+            was += f" (population {before.get('population')})"
+        now = ", ".join(f"{k}={training[k]}" for k in ("shard", "population_size", "mode", "precision"))
+        raise ZooError(
+            f"run {model_id} was being trained by an interrupted build with {was}; this build would train it "
+            f"with {now} (population {training['population']}), which gives other weights than its checkpoints. "
+            f"Resume with the same arguments, or remove runs/{model_id}.json, checkpoints/{model_id}/ and "
+            f"{state_path.parent}/{before.get('population') if before else '<population>'}.safetensors to "
+            "train it again from the start"
+        )
+
+
+def new_record(run: Run, training: dict) -> dict:
     return {
         "model_id": run.model_id,
         "stage": run.stage,
@@ -109,6 +170,7 @@ def new_record(run: Run, blueprint_name: str | None = None) -> dict:
             "num_classes": run.factors.num_outputs,
         },
         "status": "training",
+        "training": training,
         "history": [],
         "checkpoints": [],
         "code_version": code_version(),
@@ -146,13 +208,14 @@ def train_population(
     logger=None,
 ) -> None:
     root = writer.root
-    state_path = root / "_state" / f"{population_id(runs)}.safetensors"
-    with locked(root / "_state" / f"{population_id(runs)}.lock"):
-        records = {run.model_id: writer.read_record(run.model_id) or new_record(run) for run in runs}
+    training = training_of(runs, settings)
+    state_path = root / "_state" / f"{training['population']}.safetensors"
+    with locked(root / "_state" / f"{training['population']}.lock"):
+        records = {run.model_id: writer.read_record(run.model_id) or new_record(run, training) for run in runs}
         if all(r["status"] in FINISHED for r in records.values()) and not state_path.exists():
             return
-        saved = load_file(state_path) if state_path.exists() else None
-        meta = json.loads(_safetensors_metadata(state_path)["build"]) if saved is not None else None
+        check_same_training(records, training, state_path)
+        saved, meta = _read_state(root, state_path) if state_path.exists() else (None, None)
         # a resumed population keeps the members it started with (a diverged one stays in it, frozen)
         members = _members_with_parents(writer, runs, records, keep=set(meta["model_ids"]) if meta else set())
         if not members:
@@ -165,8 +228,9 @@ def train_population(
             settings.data_root,
         )  # fmt: skip
         if saved is not None:
-            if meta["model_ids"] != [r.model_id for r in runs]:
-                raise RuntimeError(f"resume state {state_path} belongs to other runs; remove it to start over")
+            same = all((meta.get("training") or {}).get(k) == training[k] for k in SAME_TRAINING)
+            if meta["model_ids"] != [r.model_id for r in runs] or not same:
+                raise ZooError(f"resume state {state_path} belongs to another training; remove it to start over")
             trainer.load_resume_state(saved)
             start_epoch = meta["epoch"]
             histories = meta["histories"]
@@ -194,7 +258,12 @@ def train_population(
                     row["diverged"] = True
                 histories[run.model_id].append(row)
             state = trainer.resume_state()
-            build_meta = {"epoch": epoch, "model_ids": [r.model_id for r in runs], "histories": histories}
+            build_meta = {
+                "epoch": epoch,
+                "model_ids": [r.model_id for r in runs],
+                "histories": histories,
+                "training": training,
+            }
             atomic_write_bytes(state_path, save(state, metadata={"build": json.dumps(build_meta)}))
             _write_epoch(writer, runs, records, trainer, histories, epoch, epochs, policy)
             if logger is not None:
@@ -221,7 +290,7 @@ def _members_with_parents(writer: ZooWriter, runs: list[Run], records: dict[str,
                 writer.write_record(record)
                 continue
             checkpoint = parent["checkpoints"][-1]
-            parent_state = load_file(writer.root / checkpoint["path"])
+            parent_state = read_checkpoint(writer.root, run.parent_id, checkpoint)
             record["parent_epoch"] = checkpoint["epoch"]
         members.append((run, parent_state))
     return members
@@ -265,8 +334,13 @@ def _progress(settings: BuildSettings, label: str, runs, epochs: int, start_epoc
     )
 
 
-def _safetensors_metadata(path: Path) -> dict[str, str]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        return f.metadata()
+def _read_state(root: Path, path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """A population's resume state (tensors, build metadata), read with the zoo's bounds (inside the zoo, a
+    regular file). A state that does not parse is refused: remove it to restart the population's epoch 0."""
+    data = read_bounded(root, path, None, f"resume state {path.name}")
+    try:
+        header_size = int.from_bytes(data[:8], "little")
+        meta = json.loads(json.loads(data[8 : 8 + header_size])["__metadata__"]["build"])
+        return load_safetensors(data), meta
+    except (ValueError, KeyError, TypeError) as error:
+        raise ZooError(f"resume state {path} unreadable ({error}); remove it to start its population over") from error

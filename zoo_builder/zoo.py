@@ -9,9 +9,17 @@ index.jsonl                               one row per checkpoint (derived from t
 ```
 
 Every file is written atomically (temp file in the same folder, fsync, rename), so a reader never sees
-a half-written file, and a build killed at any point resumes cleanly. Several builders may write
-disjoint runs into one zoo: records are per model, and `zoo.json`/`index.jsonl` are rewritten under a
-file lock. Run records are the source of truth; `Zoo.open` reads them, not the index.
+a half-written file, and a build killed at any point resumes cleanly. Files get the mode the umask
+gives (as `open` does), not mkstemp's 0600. Several builders may write disjoint runs into one zoo:
+records are per model, and `zoo.json`/`index.jsonl` are rewritten under a file lock. Run records are
+the source of truth; `Zoo.open` reads them, not the index. Every writer writes the index last, so a
+zoo is finished when every run is finished (`done`, `diverged`, `skipped`) and the index lists every
+checkpoint of the records: `Zoo.open` refuses anything less (a build in progress, a killed write).
+
+A zoo may come from a stranger: every path it names must resolve inside it (symlinks followed), every
+file read must be a regular file, and no read goes beyond the size recorded for it (or, for zoos
+written before sizes were recorded, beyond the file's size when opened); checkpoints are checked
+against their sha256. Anything else is refused with a ZooError naming the record.
 """
 
 from __future__ import annotations
@@ -22,7 +30,9 @@ import hashlib
 import json
 import math
 import os
-import tempfile
+import secrets
+import shutil
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +47,7 @@ from vitzoo.zoo_builder.models import Architecture, build_vit
 
 FORMAT_VERSION = 1
 STAGES = ("pretrain", "finetune", "sampled")
+FINISHED = ("done", "diverged", "skipped")  # run statuses of a finished run; "training" is the only other one
 BUNDLED = Path(__file__).resolve().parent / "bundled"
 
 
@@ -49,7 +60,9 @@ class ZooError(VitzooError):
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}.")
+    tmp = path.parent / f".tmp-{path.name}.{secrets.token_hex(8)}"
+    # mode 0666 lets the kernel apply the umask (and default ACLs) as it does for open(); mkstemp forces 0600
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -95,6 +108,66 @@ def encode_state_dict(state_dict: dict[str, torch.Tensor], metadata: dict[str, s
 # --------------------------------------------------------------------------------------------- reading
 
 
+def confined(root: Path, relpath, what: str) -> Path:
+    """`root / relpath`, refused unless `relpath` is a relative path that stays inside `root` once every
+    symlink is resolved (an absolute path, `..` or a symlink out of the zoo is refused, naming `what`)."""
+    if not isinstance(relpath, str) or not relpath:
+        raise ZooError(f"{what}: path {relpath!r} is not a relative path inside the zoo")
+    path = root / relpath
+    if not path.resolve().is_relative_to(root.resolve()):
+        raise ZooError(f"{what}: path {relpath!r} leads outside the zoo {root} (to {path.resolve()}); refused")
+    return path
+
+
+def read_bounded(root: Path, path: Path, size: int | None, what: str) -> bytes:
+    """The bytes of a file inside the zoo `root`: a regular file (a FIFO or device is refused without blocking on it)
+    that holds exactly `size` bytes when a size is recorded, and is never read beyond its size when opened."""
+    resolved = path.resolve()  # checked again here: the tree may have changed since the zoo was opened
+    if not resolved.is_relative_to(root.resolve()):
+        raise ZooError(f"{what}: {path} leads outside the zoo {root} (to {resolved}); refused")
+    try:
+        fd = os.open(resolved, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise ZooError(f"{what}: file missing: {path}") from None
+    except OSError as error:
+        raise ZooError(f"{what}: cannot read {path}: {error.strerror}") from None
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(handle.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise ZooError(f"{what}: {path} is not a regular file; refused")
+        if size is not None and info.st_size != size:
+            raise ZooError(f"{what}: corrupted: {path} holds {info.st_size} bytes, {size} recorded")
+        limit = info.st_size if size is None else size
+        data = handle.read(limit + 1)
+    if len(data) != limit:
+        raise ZooError(f"{what}: {path} changed size while it was read")
+    return data
+
+
+def read_checkpoint(root: Path, model_id: str, checkpoint: dict) -> dict[str, torch.Tensor]:
+    """The weights of one checkpoint of a run record (`{"epoch", "path", "sha256", "size"}`; zoos written before
+    sizes were recorded have no "size"): confined to the zoo, bounded in size and checked against the sha256.
+    Every read of a zoo checkpoint goes through here."""
+    what = f"run record {model_id}, epoch {checkpoint['epoch']}"
+    path = confined(root, checkpoint["path"], what)
+    data = read_bounded(root, path, checkpoint.get("size"), what)
+    if sha256_bytes(data) != checkpoint["sha256"]:
+        raise ZooError(f"{what}: checkpoint corrupted (sha256 mismatch): {path}")
+    try:
+        return load_safetensors(data)
+    except SafetensorError as error:
+        raise ZooError(f"{what}: checkpoint unreadable: {path}: {error}") from error
+
+
+def read_json(root: Path, relpath: str, what: str):
+    """A JSON file of the zoo (zoo.json, a run record), confined and bounded like a checkpoint."""
+    path = confined(root, relpath, what)
+    try:
+        return json.loads(read_bounded(root, path, None, what))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ZooError(f"{what}: unreadable JSON in {path}: {error}") from error
+
+
 @dataclass
 class ZooEntry:
     """One checkpoint of one model."""
@@ -109,19 +182,18 @@ class ZooEntry:
     path: Path
     sha256: str
     architecture: Architecture = field(repr=False)
+    root: Path = field(repr=False)
+    size: int | None = None  # bytes; None in zoos written before sizes were recorded
+
+    @property
+    def checkpoint(self) -> dict:
+        """The checkpoint as its run record lists it."""
+        listed = {"epoch": self.epoch, "path": self.path.relative_to(self.root).as_posix(), "sha256": self.sha256}
+        return listed if self.size is None else {**listed, "size": self.size}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The weights, checked against the recorded sha256 (a corrupted file raises ZooError naming it)."""
-        try:
-            data = self.path.read_bytes()
-        except FileNotFoundError:
-            raise ZooError(f"checkpoint file missing: {self.path}") from None
-        if sha256_bytes(data) != self.sha256:
-            raise ZooError(f"checkpoint corrupted (sha256 mismatch): {self.path}")
-        try:
-            return load_safetensors(data)
-        except SafetensorError as error:
-            raise ZooError(f"checkpoint unreadable: {self.path}: {error}") from error
+        """The weights, checked (a missing, corrupted, oversized or outside file raises ZooError naming it)."""
+        return read_checkpoint(self.root, self.model_id, self.checkpoint)
 
     def model(self) -> torch.nn.Module:
         """A timm ViT with this checkpoint loaded, in eval mode."""
@@ -140,31 +212,76 @@ class Zoo:
         self.entries = entries
 
     @classmethod
-    def open(cls, path: str | os.PathLike) -> Zoo:
-        """Open a zoo directory; `"bundled"` opens the zoo shipped with vitzoo."""
+    def open(cls, path: str | os.PathLike, allow_unfinished: bool = False) -> Zoo:
+        """Open a zoo directory; `"bundled"` opens the zoo shipped with vitzoo.
+
+        A zoo whose writing did not finish (runs still training, no index, records the index does not list,
+        checkpoint files missing) raises ZooError saying what is missing, unless `allow_unfinished` (a build
+        in progress, read by its own builders)."""
         root = BUNDLED if str(path) == "bundled" else Path(path)
         meta_path = root / "zoo.json"
         if not meta_path.exists():
-            hint = " (the bundled zoo is not built in this checkout)" if root == BUNDLED else ""
+            hint = " (the bundled zoo is not built in this checkout)" if root == BUNDLED else _interrupted_hint(root)
             raise ZooError(f"not a zoo: {meta_path} does not exist{hint}")
-        meta = json.loads(meta_path.read_text())
+        meta = read_json(root, "zoo.json", "zoo.json")
         if meta.get("format_version") != FORMAT_VERSION:
             raise ZooError(f"{meta_path}: format version {meta.get('format_version')} != {FORMAT_VERSION}")
         architecture = Architecture(**meta["architecture"])
-        records = {}
+        records, entries = {}, []
         for record_path in sorted((root / "runs").glob("*.json")):
+            what = f"run record {record_path.name}"
+            record = read_json(root, f"runs/{record_path.name}", what)
             try:
-                record = json.loads(record_path.read_text())
-            except json.JSONDecodeError as error:
-                raise ZooError(f"run record unreadable: {record_path}: {error}") from error
+                if record["model_id"] != record_path.stem:
+                    raise ZooError(f"{what} names another model, {record['model_id']!r}")
+                entries += [entry_from_record(root, record, c, architecture) for c in record["checkpoints"]]
+            except (KeyError, TypeError, AttributeError) as error:
+                raise ZooError(f"{what}: missing or malformed field ({error!r})") from error
             records[record["model_id"]] = record
-        entries = [
-            entry_from_record(root, record, checkpoint, architecture)
-            for record in records.values()
-            for checkpoint in record["checkpoints"]
-        ]
         entries.sort(key=lambda e: (STAGES.index(e.stage), e.parent_id or "", e.model_id, e.epoch))
-        return cls(root, meta, records, entries)
+        zoo = cls(root, meta, records, entries)
+        if not allow_unfinished:
+            unfinished = zoo.unfinished()
+            if unfinished:
+                raise ZooError(f"unfinished zoo {root}: " + "; ".join(unfinished))
+        return zoo
+
+    def unfinished(self) -> list[str]:
+        """What shows that this zoo's writing did not finish (empty when it did): runs still training, no index,
+        checkpoints of the records that the index does not list, checkpoint files missing. Every writer (build,
+        import, sample) writes the index last, after every record is final."""
+        problems = []
+        training = sorted(m for m, r in self.records.items() if r["status"] not in FINISHED)
+        if training:
+            problems.append(
+                f"{len(training)} of {len(self.records)} runs not finished ({_some(training)}): a build was "
+                "interrupted or is still running (rerun it with the same arguments to finish)"
+            )
+        indexed = self.index_rows()
+        if indexed is None:
+            problems.append(f"no index.jsonl beside {len(self.records)} run records: its writing was interrupted")
+        else:
+            listed = {(row["model_id"], row["epoch"], row["sha256"]) for row in indexed}
+            unlisted = [f"{e.model_id} epoch {e.epoch}" for e in self if (e.model_id, e.epoch, e.sha256) not in listed]
+            if unlisted:
+                problems.append(
+                    f"index.jsonl does not list {len(unlisted)} checkpoint(s) of the run records ({_some(unlisted)}): "
+                    "the zoo was written after its index, or its writing was interrupted"
+                )
+        missing = [f"{e.model_id} epoch {e.epoch}" for e in self if not os.path.lexists(e.path)]
+        if missing:
+            problems.append(f"{len(missing)} checkpoint file(s) missing ({_some(missing)})")
+        return problems
+
+    def index_rows(self) -> list[dict] | None:
+        """The rows of index.jsonl, or None when there is none."""
+        if not os.path.lexists(self.root / "index.jsonl"):
+            return None
+        text = read_bounded(self.root, self.root / "index.jsonl", None, "index.jsonl")
+        try:
+            return [json.loads(line) for line in text.decode().splitlines()]
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise ZooError(f"index.jsonl of {self.root} unreadable: {error}") from error
 
     @property
     def architecture(self) -> Architecture:
@@ -253,7 +370,23 @@ def _matches(value, wanted) -> bool:
     return value == wanted
 
 
+def _some(names: list[str], shown: int = 3) -> str:
+    return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
+
+
+def _interrupted_hint(root: Path) -> str:
+    """Names the temporary folders an interrupted `write_sampled` into `root` left beside it."""
+    leftovers = sorted(root.parent.glob(f".tmp-{root.name}.*")) if root.name else []
+    if not leftovers:
+        return ""
+    return f" ({', '.join(map(str, leftovers))} is an interrupted write of it: remove it and write again)"
+
+
 def entry_from_record(root: Path, record: dict, checkpoint: dict, architecture: Architecture) -> ZooEntry:
+    what = f"run record {record['model_id']}, epoch {checkpoint['epoch']}"
+    size = checkpoint.get("size")
+    if size is not None and (not isinstance(size, int) or size < 0):
+        raise ZooError(f"{what}: size {size!r} is not a byte count")
     epoch = checkpoint["epoch"]
     metrics = next((h for h in record["history"] if h["epoch"] == epoch), {})
     return ZooEntry(
@@ -264,9 +397,11 @@ def entry_from_record(root: Path, record: dict, checkpoint: dict, architecture: 
         factors=record["factors"],
         metrics={k: v for k, v in metrics.items() if k != "epoch"},
         head=record["head"],
-        path=root / checkpoint["path"],
+        path=confined(root, checkpoint["path"], what),
         sha256=checkpoint["sha256"],
         architecture=architecture,
+        root=root,
+        size=size,
     )
 
 
@@ -300,7 +435,7 @@ class ZooWriter:
         with locked(root / "zoo.lock"):
             meta_path = root / "zoo.json"
             if meta_path.exists():
-                meta = json.loads(meta_path.read_text())
+                meta = read_json(root, "zoo.json", "zoo.json")
                 if meta["architecture"] != architecture.to_dict():
                     raise ZooError(
                         f"{root} holds a zoo of another architecture ({meta['architecture']}) than asked "
@@ -334,7 +469,7 @@ class ZooWriter:
 
     def read_record(self, model_id: str) -> dict | None:
         path = self.record_path(model_id)
-        return json.loads(path.read_text()) if path.exists() else None
+        return read_json(self.root, f"runs/{path.name}", f"run record {model_id}") if path.exists() else None
 
     def write_record(self, record: dict) -> None:
         atomic_write_json(self.record_path(record["model_id"]), record)
@@ -362,13 +497,13 @@ class ZooWriter:
         data = encode_state_dict(state_dict, metadata)
         atomic_write_bytes(self.root / relpath, data)
         record["checkpoints"] = [c for c in record["checkpoints"] if c["epoch"] != epoch]
-        record["checkpoints"].append({"epoch": epoch, "path": relpath, "sha256": sha256_bytes(data)})
+        record["checkpoints"].append({"epoch": epoch, "path": relpath, "sha256": sha256_bytes(data), "size": len(data)})
         record["checkpoints"].sort(key=lambda c: c["epoch"])
 
     def write_index(self) -> Path:
         """Rebuild `index.jsonl` (one row per checkpoint) from the run records, under the zoo lock."""
         with locked(self.root / "zoo.lock"):
-            zoo = Zoo.open(self.root)
+            zoo = Zoo.open(self.root, allow_unfinished=True)  # other shards may still be training
             rows = []
             for entry in zoo:
                 rows.append(
@@ -376,12 +511,10 @@ class ZooWriter:
                         "model_id": entry.model_id,
                         "stage": entry.stage,
                         "parent_id": entry.parent_id,
-                        "epoch": entry.epoch,
                         "status": zoo.records[entry.model_id]["status"],
                         "factors": entry.factors,
                         **entry.metrics,
-                        "path": str(entry.path.relative_to(self.root)),
-                        "sha256": entry.sha256,
+                        **entry.checkpoint,  # epoch, path, sha256, size
                     }
                 )
             data = "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows).encode()
@@ -390,14 +523,23 @@ class ZooWriter:
 
 
 def verify(root: str | os.PathLike) -> list[str]:
-    """Every problem found in a zoo: missing, truncated or corrupted checkpoints, unreadable records.
+    """Every problem found in a zoo: an unfinished write, index rows without a run record, missing, truncated,
+    corrupted or oversized checkpoints, paths leading outside the zoo, unreadable records.
     Returns one line per problem (empty when the zoo is sound)."""
-    problems = []
     try:
-        zoo = Zoo.open(root)
+        zoo = Zoo.open(root, allow_unfinished=True)
+        problems = [f"unfinished zoo: {problem}" for problem in zoo.unfinished()]
+        rows = zoo.index_rows() or []
     except ZooError as error:
         return [str(error)]
+    recorded = {(e.model_id, e.epoch) for e in zoo}
+    orphans = [r for r in rows if (r.get("model_id"), r.get("epoch")) not in recorded]
+    if orphans:
+        names = [f"{r.get('model_id')} epoch {r.get('epoch')}" for r in orphans]
+        problems.append(f"index.jsonl lists {len(orphans)} checkpoint(s) of no run record ({_some(names)})")
     for entry in zoo:
+        if not os.path.lexists(entry.path):
+            continue  # reported above
         try:
             entry.state_dict()
         except ZooError as error:
@@ -433,7 +575,11 @@ def write_sampled(
 ) -> Zoo:
     """A new zoo of stage `sampled`: model i (`sample-00000`, ...) gets one checkpoint (epoch 0) with the
     state dict, its `.factors` (the condition and how it was made: method, generator, ...) and its head
-    ({"head", "head_hidden", "num_classes"}). Refuses a folder that holds a zoo or anything but `logs/`."""
+    ({"head", "head_hidden", "num_classes"}). Refuses a folder that holds a zoo or anything but `logs/`.
+
+    The zoo is written into a temporary folder beside `root` (`.tmp-<name>.<random>`) and renamed into place
+    when complete: `root` never holds part of a population. An error removes the temporary folder; a killed
+    process leaves it, and `Zoo.open(root)` names it."""
     root = Path(root)
     if (root / "zoo.json").exists():
         raise ZooError(f"output {root} already holds a zoo; sampled zoos are written into a new folder only")
@@ -441,6 +587,25 @@ def write_sampled(
         raise ZooError(f"output {root} is not empty; sampled zoos are written into a new folder only")
     if not samples:
         raise ZooError("no samples to write")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    staging = root.parent / f".tmp-{root.name}.{secrets.token_hex(8)}"
+    staging.mkdir()  # mode from the umask (mkdtemp would force 0700)
+    try:
+        _write_sampled_records(staging, architecture, dataset, samples, parents)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    others = [p.name for p in root.iterdir() if p.name != "logs"] if root.exists() else []
+    if others:
+        raise ZooError(f"output {root} was written to while sampling ({others[:3]}); the samples are in {staging}")
+    if root.exists():
+        for leftover in root.iterdir():  # the command's logs/ move into the new zoo, so root is empty
+            os.rename(leftover, staging / leftover.name)
+    os.replace(staging, root)  # rename(2) replaces an empty directory in one step
+    return Zoo.open(root)
+
+
+def _write_sampled_records(root: Path, architecture: Architecture, dataset: str, samples, parents) -> None:
     writer = ZooWriter.create_or_open(root, architecture, dataset, [dataset], blueprint=None)
     for i, (state_dict, factors, head) in enumerate(samples):
         record = {
@@ -457,4 +622,3 @@ def write_sampled(
         writer.write_checkpoint(record, 0, {k: v.float().contiguous() for k, v in state_dict.items()})
         writer.write_record(record)
     writer.write_index()
-    return Zoo.open(root)
