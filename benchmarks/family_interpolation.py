@@ -34,7 +34,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     basis = FamilyBasis(Zoo.open("bundled"), head="linear")
-    num_heads = basis.architecture.kwargs["num_heads"]
+    num_heads = basis.architecture.num_heads
     adamw = [k for k, (optimizer, _) in enumerate(basis.slots) if optimizer == "adamw"]
     midpoints, anchors, distances, ends = [], [], [], []
     for family in range(basis.num_families):

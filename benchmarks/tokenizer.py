@@ -81,7 +81,7 @@ def main() -> None:
 
     zoo = Zoo.open("bundled")
     state_dicts = [e.state_dict() for e in zoo.filter(stage="finetune", head="linear")]
-    spec = TokenSpec.from_state_dict(state_dicts[0], width=16, num_heads=zoo.architecture.kwargs["num_heads"])
+    spec = TokenSpec.from_state_dict(state_dicts[0], width=16, num_heads=zoo.architecture.num_heads)
     megabytes = sum(v.numel() * 4 for sd in state_dicts for v in sd.values()) / 1e6
     values = tokenize_batch(state_dicts, spec).values
     for width in (16, 25, 32):

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from vitzoo.errors import ConfigError
 from vitzoo.zoo_builder.zoo import BUNDLED, Zoo, ZooEntry
 
 KINDS = ("same model", "siblings", "parent-child", "across parents")  # pair kinds; -1 on the diagonal
@@ -51,11 +52,11 @@ def select(zoo: Zoo, stage: str | None = None, epoch: str | int = "last", max_mo
     selection = zoo.filter(stage=stage, epoch=None if epoch == "all" else epoch)
     if max_models is not None and len(selection) > max_models:
         if max_models < 1:
-            raise ValueError(f"max_models must be at least 1, got {max_models}")
+            raise ConfigError(f"max_models must be at least 1, got {max_models}")
         index = torch.linspace(0, len(selection) - 1, max_models).round().long().unique().tolist()
         selection = Zoo(zoo.root, zoo.meta, zoo.records, [selection[i] for i in index])
     if len(selection) == 0:
-        raise ValueError(f"no checkpoint of {zoo.root} matches stage={stage} epoch={epoch}")
+        raise ConfigError(f"no checkpoint of {zoo.root} matches stage={stage} epoch={epoch}")
     return analysis_order(selection)
 
 
@@ -382,7 +383,7 @@ def write_analysis(
     from vitzoo.zoo_builder.zoo import atomic_write_bytes, atomic_write_json, code_version
 
     if cka_batch < 2:
-        raise ValueError(f"cka_batch must be at least 2, got {cka_batch}")
+        raise ConfigError(f"cka_batch must be at least 2, got {cka_batch}")
     entries = list(selection)
     names = [f"{e.model_id}@{e.epoch}" for e in entries]
     kinds = pair_kinds(entries)

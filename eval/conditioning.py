@@ -5,6 +5,9 @@
 - Optimizer/lr: `per_slot` samples conditioned on each trained (optimizer, lr); their mean test accuracy per slot
   against the mean test accuracy of the zoo's runs in that slot (Spearman over slots: 1.0 = the zoo's ordering).
 
+A sample that cannot be evaluated (e.g. non-finite weights) has no accuracy: it is left out and counted
+(`unevaluated`), never scored.
+
 python -m vitzoo.eval.conditioning bundled --out runs/conditioning     # the generator shipped beside the bundled zoo
 """
 
@@ -19,7 +22,7 @@ from scipy.stats import spearmanr
 
 from vitzoo.eval.evaluation import evaluate
 from vitzoo.generative.generator import load_generator, sample
-from vitzoo.zoo_builder.zoo import atomic_write_json, code_version
+from vitzoo.zoo_builder.zoo import ZooError, atomic_write_json, code_version
 
 
 def conditioning(
@@ -33,14 +36,20 @@ def conditioning(
 ) -> dict:
     generator = load_generator(generator_path)
     stats, basis = generator.stats, generator.basis
-    num_heads = basis.architecture.kwargs.get("num_heads")
+    num_heads = basis.architecture.num_heads
     if targets is None:
         low, high = stats["accuracy_min"], stats["accuracy_max"]
         targets = [round(low + (high - low) * (i + 0.5) / 8, 3) for i in range(8)]
 
+    unevaluated = 0
+
     def accuracies(samples) -> list[float]:
+        """The test accuracies of the samples that could be evaluated (the others are counted in `unevaluated`)."""
+        nonlocal unevaluated
         pairs = [(str(i), state_dict) for i, (state_dict, _, _) in enumerate(samples)]
-        return [r.accuracy for r in evaluate(pairs, basis.dataset, split, num_heads=num_heads)]
+        results = evaluate(pairs, basis.dataset, split, num_heads=num_heads)
+        unevaluated += sum(r.error is not None for r in results)
+        return [r.accuracy for r in results if r.error is None]
 
     target_rows = []
     for i, target in enumerate(targets):
@@ -52,10 +61,13 @@ def conditioning(
     for k, (optimizer, lr) in enumerate(basis.slots):
         samples, _, _ = sample(generator, per_slot, seed + 100 + k, optimizer=optimizer, lr=lr, guidance=guidance)
         zoo = [members[k].metrics.get(f"{split}_acc") for members in basis.members]
+        achieved = accuracies(samples)
+        if not achieved:
+            raise ZooError(f"no sample conditioned on {optimizer} lr={lr} could be evaluated on {split}")
         slot_rows.append({
             "optimizer": optimizer,
             "lr": lr,
-            "samples_mean": statistics.mean(accuracies(samples)),
+            "samples_mean": statistics.mean(achieved),
             "zoo_mean": statistics.mean(a for a in zoo if a is not None),
         })  # fmt: skip
     slot_rho = spearmanr([r["samples_mean"] for r in slot_rows], [r["zoo_mean"] for r in slot_rows]).statistic
@@ -81,6 +93,7 @@ def conditioning(
         "seed": seed,
         "guidance": guidance,
         "code_version": code_version(),
+        "unevaluated": unevaluated,
         "target_spearman": float(rho),
         "slot_spearman": float(slot_rho),
         "targets": target_rows,
@@ -88,6 +101,11 @@ def conditioning(
         "factors": factor_rows,
         "ordering_reproduced": orderings,
     }
+
+
+def unevaluated_note(result: dict) -> str:
+    count = result.get("unevaluated", 0)  # results written before it was recorded had none
+    return f" ({count} sample(s) could not be evaluated and are left out)" if count else ""
 
 
 def write_conditioning(result: dict, out: Path) -> Path:
@@ -123,7 +141,8 @@ def write_conditioning(result: dict, out: Path) -> Path:
         f"{result['split']} split, guidance {result['guidance']}, seed {result['seed']}, "
         f"code {result['code_version']}.",
         "",
-        f"Target accuracy: Spearman {result['target_spearman']:.3f} over {len(result['targets'])} samples.",
+        f"Target accuracy: Spearman {result['target_spearman']:.3f} over {len(result['targets'])} samples"
+        f"{unevaluated_note(result)}.",
         "",
         "| target (val) | n | achieved mean | min | max |",
         "|---|---|---|---|---|",

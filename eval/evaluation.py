@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, vmap
 
+from vitzoo.errors import ConfigError
 from vitzoo.zoo_builder.data import info as dataset_info
 from vitzoo.zoo_builder.data import load_split
 from vitzoo.zoo_builder.zoo import Zoo, ZooEntry, ZooError
@@ -69,7 +70,7 @@ def evaluate(
         mode: "vmap" (many models per forward pass), "loop" (one model at a time) or "auto" (vmap on CUDA).
     """
     if mode not in ("auto", "vmap", "loop"):
-        raise ValueError(f"mode must be auto, vmap or loop, got {mode!r}")
+        raise ConfigError(f"mode must be auto, vmap or loop, got {mode!r}")
     device = torch.device(device)
     if mode == "auto":
         mode = "vmap" if device.type == "cuda" else "loop"

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vitzoo.errors import ConfigError
 from vitzoo.zoo_builder.blueprint import Factors
 from vitzoo.zoo_builder.models import Architecture
 from vitzoo.zoo_builder.population import PopulationTrainer
@@ -49,7 +50,7 @@ def finetune_curves(
 ) -> dict[str, list[float]]:
     """name -> [accuracy on `split` after 0, 1, ..., recipe.epochs epochs] (see module docstring)."""
     if recipe.epochs < 0:
-        raise ValueError(f"finetune epochs must be >= 0, got {recipe.epochs}")
+        raise ConfigError(f"finetune epochs must be >= 0, got {recipe.epochs}")
     device = torch.device(device)
     groups: dict[tuple, list[int]] = {}
     for i, (_, state_dict) in enumerate(models):
@@ -66,7 +67,7 @@ def finetune_curves(
             for i in members
         ]  # fmt: skip
         if factors[0].num_outputs != head["num_classes"]:
-            raise ValueError(f"heads with {head['num_classes']} outputs cannot be fine-tuned on {dataset}")
+            raise ConfigError(f"heads with {head['num_classes']} outputs cannot be fine-tuned on {dataset}")
         trainer = PopulationTrainer(factors, [models[i][1] for i in members], architecture, device, data_root=data_root)
         accuracies = [trainer.evaluate(split).values[f"{split}_acc"]]
         for epoch in range(recipe.epochs):

@@ -32,6 +32,7 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from vitzoo.errors import ConfigError, check_number
 from vitzoo.tokenizer.spec import POSITION_FIELDS, TokenSpec
 from vitzoo.zoo_builder.population import info_nce
 
@@ -58,14 +59,35 @@ class AutoencoderConfig:
     seed: int = 0
 
     def __post_init__(self):
+        for name, kind, low, high, low_open, high_open in (
+            ("d_model", int, 1, None, False, False),
+            ("depth", int, 1, None, False, False),
+            ("heads", int, 1, None, False, False),
+            ("latent", int, 1, None, False, False),
+            ("embedding", int, 1, None, False, False),
+            ("contrastive_weight", float, 0, None, False, False),
+            ("temperature", float, 0, None, True, False),
+            ("noise", float, 0, None, False, False),
+            ("mask_fraction", float, 0, 1, False, True),
+            ("steps", int, 1, None, False, False),  # 0 steps would write an untrained autoencoder
+            ("batch_size", int, 1, None, False, False),
+            ("lr", float, 0, None, True, False),
+            ("ema", float, 0, 1, False, True),
+            ("seed", int, 0, None, False, False),
+        ):  # fmt: skip
+            check_number(f"autoencoder {name}", getattr(self, name), kind, low, high, low_open, high_open)
+        if self.d_model % self.heads:
+            raise ConfigError(f"autoencoder d_model={self.d_model} must be a multiple of heads={self.heads}")
+        if not isinstance(self.permute, bool):
+            raise ConfigError(f"autoencoder permute must be true or false, got {self.permute!r}")
         if self.pooling not in POOLINGS:
-            raise ValueError(f"pooling={self.pooling!r} is not one of {', '.join(POOLINGS)}")
-        if self.window < 0:
-            raise ValueError(f"window must be 0 (the whole sequence) or positive, got {self.window}")
+            raise ConfigError(f"pooling={self.pooling!r} is not one of {', '.join(POOLINGS)}")
+        if not isinstance(self.window, int) or self.window < 0:
+            raise ConfigError(f"window must be 0 (the whole sequence) or positive, got {self.window}")
         if self.window == 0 and self.window_stride != 0:
-            raise ValueError("window_stride needs a window > 0")
+            raise ConfigError("window_stride needs a window > 0")
         if self.window > 0 and not 0 < self.window_stride <= self.window:
-            raise ValueError(f"window_stride must be in [1, window={self.window}], got {self.window_stride}")
+            raise ConfigError(f"window_stride must be in [1, window={self.window}], got {self.window_stride}")
 
     def to_dict(self) -> dict:
         return asdict(self)

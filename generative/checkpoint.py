@@ -3,6 +3,9 @@
 Two kinds per model: the final checkpoint (EMA weights; metadata with `format`, the config and what the model
 decodes into) and the training state (model, EMA, optimizer state, step, extra tensors such as a measured training
 set), written atomically every few steps so that a rerun continues where a killed run stopped.
+
+Nothing in a checkpoint's metadata is trusted: the config must name every field with a value the config class
+accepts, and the loaders check what else they read (`CheckpointError` names the file and the field).
 """
 
 from __future__ import annotations
@@ -17,7 +20,13 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
+from vitzoo.errors import ConfigError
 from vitzoo.zoo_builder.zoo import ZooError, atomic_write_bytes
+
+
+class CheckpointError(ZooError):
+    """A generator or autoencoder checkpoint (or training state) that is unreadable, or whose metadata is
+    incomplete or inconsistent."""
 
 
 def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
@@ -42,19 +51,51 @@ def checkpoint_format(path: str | Path) -> str | None:
         return None
 
 
-def open_checkpoint(path: str | Path, expected_format: str, config_class) -> tuple[dict, dict, object]:
-    """Weights, metadata and config of a final checkpoint of `expected_format`, or a ZooError saying why not."""
+def open_checkpoint(
+    path: str | Path, expected_format: str, config_class, legacy: dict | None = None
+) -> tuple[dict, dict, object]:
+    """Weights, metadata and config of a final checkpoint of `expected_format`, or a CheckpointError saying why not.
+
+    The recorded config must hold every field of `config_class` and no other, each with a value the config
+    accepts; `legacy` gives the values that checkpoints written before a field existed imply."""
     path = Path(path)
     if not path.is_file():
-        raise ZooError(f"no checkpoint at {path}")
+        raise CheckpointError(f"no checkpoint at {path}")
     try:
         weights, metadata = read_checkpoint(path)
     except Exception as error:  # safetensors raises several types for a foreign or truncated file
-        raise ZooError(f"{path} is not a vitzoo checkpoint: {error}") from error
-    if metadata.get("format") != expected_format:
-        raise ZooError(f"{path} is not a {expected_format} checkpoint (it records format {metadata.get('format')!r})")
-    names = {f.name for f in fields(config_class)}
-    return weights, metadata, config_class(**{k: v for k, v in metadata["config"].items() if k in names})
+        raise CheckpointError(f"{path} is not a vitzoo checkpoint: {error}") from error
+    if not isinstance(metadata, dict) or metadata.get("format") != expected_format:
+        found = metadata.get("format") if isinstance(metadata, dict) else None
+        raise CheckpointError(f"{path} is not a {expected_format} checkpoint (it records format {found!r})")
+    recorded = require(metadata, "config", dict, path)
+    names = [f.name for f in fields(config_class)]
+    unknown = sorted(set(recorded) - set(names))
+    missing = [name for name in names if name not in recorded and name not in (legacy or {})]
+    if unknown or missing:
+        problem = f"lacks {', '.join(missing)}" if missing else f"has unknown field(s) {', '.join(unknown)}"
+        raise CheckpointError(f"{path}: its config {problem}")
+    try:
+        config = config_class(**((legacy or {}) | recorded))
+    except ConfigError as error:
+        raise CheckpointError(f"{path}: {error}") from None
+    return weights, metadata, config
+
+
+def require(metadata: dict, key: str, kind: type, path: Path):
+    """metadata[key], which must be a `kind`, or a CheckpointError naming the file and the key."""
+    if not isinstance(metadata.get(key), kind):
+        raise CheckpointError(f"{path}: its metadata lacks {key!r} or it is not a {kind.__name__}")
+    return metadata[key]
+
+
+def load_weights(model: nn.Module, weights: dict[str, torch.Tensor], path: Path) -> None:
+    """Load a checkpoint's weights into the model its config describes, or a CheckpointError if they do not fit."""
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as error:  # missing/unexpected keys or shapes: the metadata does not describe these weights
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        raise CheckpointError(f"{path}: its weights do not fit its config ({' '.join(lines[1:3])[:300]})") from None
 
 
 def save_training_state(
@@ -78,11 +119,18 @@ def load_training_state(
 ) -> tuple[dict, dict[str, torch.Tensor]]:
     """Restore model, EMA and optimizer in place; returns the metadata and the extra tensors. The state must
     have been written with the `expected` metadata values (the same config and data), else ZooError."""
-    saved, metadata = read_checkpoint(path)
+    try:
+        saved, metadata = read_checkpoint(path)
+    except Exception as error:  # safetensors raises several types for a foreign or truncated file
+        raise CheckpointError(f"training state {path} is unreadable ({error}); remove it to start over") from error
     if any(metadata.get(key) != value for key, value in expected.items()):
         raise ZooError(f"{path} was written by another config or zoo; use another out=<dir>")
-    model.load_state_dict({k[len("model.") :]: v for k, v in saved.items() if k.startswith("model.")})
-    ema.load_state_dict({k[len("ema.") :]: v for k, v in saved.items() if k.startswith("ema.")})
+    steps = expected["config"]["steps"]
+    step = metadata.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or not 0 < step <= steps:
+        raise CheckpointError(f"training state {path}: step must be an integer in [1, {steps}], got {step!r}")
+    load_weights(model, {k[len("model.") :]: v for k, v in saved.items() if k.startswith("model.")}, path)
+    load_weights(ema, {k[len("ema.") :]: v for k, v in saved.items() if k.startswith("ema.")}, path)
     state = optimizer.state_dict()
     for key, value in saved.items():
         if key.startswith("optim."):

@@ -28,6 +28,11 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from vitzoo.errors import ConfigError, check_number
+
+SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")  # diffusers' beta schedules
+MAX_TIMESTEPS = 10_000
+
 
 @dataclass
 class DiffusionConfig:
@@ -45,6 +50,28 @@ class DiffusionConfig:
     lr: float = 1e-3
     ema: float = 0.995
     seed: int = 0
+
+    def __post_init__(self):
+        for name, kind, low, high, low_open, high_open in (
+            ("d_model", int, 2, None, False, False),
+            ("depth", int, 1, None, False, False),
+            ("heads", int, 1, None, False, False),
+            ("timesteps", int, 1, MAX_TIMESTEPS, False, False),
+            ("condition_dropout", float, 0, 1, False, True),
+            ("mixtures", int, 0, None, False, False),
+            ("dirichlet", float, 0, None, True, False),
+            ("shrunk", float, 0, 1, False, False),
+            ("steps", int, 1, None, False, False),  # 0 steps would write an untrained generator
+            ("batch_size", int, 1, None, False, False),
+            ("lr", float, 0, None, True, False),
+            ("ema", float, 0, 1, False, True),
+            ("seed", int, 0, None, False, False),
+        ):  # fmt: skip
+            check_number(f"diffusion {name}", getattr(self, name), kind, low, high, low_open, high_open)
+        if self.d_model % 2 or self.d_model % self.heads:
+            raise ConfigError(f"diffusion d_model={self.d_model} must be even and a multiple of heads={self.heads}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"diffusion schedule={self.schedule!r} is not one of {', '.join(SCHEDULES)}")
 
     def to_dict(self) -> dict:
         return asdict(self)

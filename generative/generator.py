@@ -25,10 +25,13 @@ from typing import Callable
 import numpy as np
 import torch
 
-from vitzoo.errors import VitzooError
+from vitzoo.errors import VitzooError, check_number
 from vitzoo.generative.checkpoint import (
+    CheckpointError,
     load_training_state,
+    load_weights,
     open_checkpoint,
+    require,
     save_training_state,
     update_ema,
     write_checkpoint,
@@ -47,7 +50,7 @@ from vitzoo.zoo_builder.zoo import Zoo, ZooError
 FORMAT = "vitzoo-generator-1"
 BUNDLED_GENERATOR = Path(__file__).resolve().parent / "bundled" / "generator.safetensors"  # `vitzoo sample bundled`
 StateDict = dict[str, torch.Tensor]
-Measure = Callable[[list[StateDict]], list[float]]  # validation accuracy of each state dict
+Measure = Callable[[list[StateDict]], list[float | None]]  # validation accuracy of each state dict; None: failed
 
 
 BASELINES = ("random", "gaussian", "noise")
@@ -64,6 +67,7 @@ class TrainingSet:
     family: torch.Tensor  # [N] int64
     accuracy: torch.Tensor  # [N] measured validation accuracy
     slot: torch.Tensor  # [N] int64: the run with the largest coordinate
+    unmeasured: int = 0  # models left out because they could not be evaluated (the measure gave None)
 
 
 def training_set(
@@ -78,7 +82,7 @@ def training_set(
     s ~ U(0.2, 1) towards the family's start (partly trained models): novel models at low accuracies, so the
     accuracy condition covers the zoo's whole range. The slot label of a mixture is its dominant run when that
     run weighs at least half and the mixture is not shrunk (a slot stands for its run's full training), else
-    none.
+    none. A model the measure could not evaluate (None) is left out of the set and counted in `unmeasured`.
 
     Under torchrun every rank draws the same mixtures and measures every W-th chunk of them; the measurements are
     gathered, so every rank ends with the whole set."""
@@ -90,7 +94,7 @@ def training_set(
     unrecorded = [i for i, m in enumerate(m for ms in basis.members for m in ms) if "val_acc" not in m.metrics]
     if unrecorded:  # e.g. an imported zoo that logged test accuracy only: measure the runs on val
         runs = [basis.decode(int(family[i]), coordinates[i]) for i in unrecorded]
-        accuracy[unrecorded] = torch.tensor(measure(runs), dtype=accuracy.dtype)
+        accuracy[unrecorded] = torch.tensor(_nan_for_none(measure(runs)), dtype=accuracy.dtype)
     rng = np.random.default_rng(config.seed)
     mixed_family = torch.as_tensor(rng.integers(0, f_count, config.mixtures))
     mixed = torch.as_tensor(rng.dirichlet([config.dirichlet] * k_count, config.mixtures), dtype=torch.float32)
@@ -112,12 +116,21 @@ def training_set(
     all_coordinates = torch.cat([coordinates, mixed])
     weight, dominant = all_coordinates.max(dim=1)
     full = torch.cat([torch.ones(len(family), dtype=torch.bool), ~shrunk])  # runs and unshrunk mixtures
+    all_accuracy = torch.cat([accuracy, torch.tensor(_nan_for_none(measured), dtype=torch.float32)])
+    measured_ok = ~all_accuracy.isnan()
+    if not measured_ok.any():
+        raise ZooError(f"no model of {basis.zoo_root} or mixture of its runs could be evaluated on val")
     return TrainingSet(
-        all_coordinates,
-        torch.cat([family, mixed_family]),
-        torch.cat([accuracy, torch.tensor(measured, dtype=torch.float32)]),
-        torch.where((weight >= 0.5) & full, dominant, k_count),
+        all_coordinates[measured_ok],
+        torch.cat([family, mixed_family])[measured_ok],
+        all_accuracy[measured_ok],
+        torch.where((weight >= 0.5) & full, dominant, k_count)[measured_ok],
+        int((~measured_ok).sum()),
     )
+
+
+def _nan_for_none(accuracies: list[float | None]) -> list[float]:
+    return [float("nan") if a is None else a for a in accuracies]
 
 
 @dataclass
@@ -176,7 +189,8 @@ def train_generator(
     start = 0
     if state_path.exists():
         metadata, saved = load_training_state(state_path, model, ema, optimizer, described | runtime.expected())
-        data = TrainingSet(saved["coordinates"], saved["family"], saved["accuracy"], saved["slot"])
+        unmeasured = int(metadata.get("unmeasured", 0))  # states written before it was recorded: unknown, 0
+        data = TrainingSet(saved["coordinates"], saved["family"], saved["accuracy"], saved["slot"], unmeasured)
         start = int(metadata["step"])
     else:
         data = training_set(basis, config, measure, progress, runtime)
@@ -209,25 +223,32 @@ def train_generator(
                      "train/steps_per_second": clock.steps_per_second()})  # fmt: skip
         if log is not None and runtime.main and sample_every > 0 and ((step + 1) % sample_every == 0 or last):
             current = Generator(config, basis, copy.deepcopy(ema).cpu().eval(), stats)
-            log({"step": step, "sample/val_acc": sample_accuracy(current, measure, sample_n, config.seed)})
+            sampled = sample_accuracy(current, measure, sample_n, config.seed)
+            if sampled is not None:
+                log({"step": step, "sample/val_acc": sampled})
         if runtime.main and ((step + 1) % save_every == 0 or last):
-            save_training_state(state_path, model, ema, optimizer, {"step": step + 1, **described}, vars(data))
+            tensors = {"coordinates": data.coordinates, "family": data.family, "accuracy": data.accuracy,
+                       "slot": data.slot}  # fmt: skip
+            save_training_state(state_path, model, ema, optimizer,
+                                {"step": step + 1, "unmeasured": data.unmeasured, **described}, tensors)  # fmt: skip
     bar.close()
     if runtime.main:
         metadata = {"format": FORMAT, "config": config.to_dict(), "basis": basis.describe(), "stats": stats,
-                    "architecture": basis.architecture.to_dict(), **runtime.describe()}  # fmt: skip
+                    "architecture": basis.architecture.to_dict(), "unmeasured": data.unmeasured,
+                    **runtime.describe()}  # fmt: skip
         write_checkpoint(out / "generator.safetensors", ema.state_dict(), metadata)
         clock.write(out / "timing.json")
     runtime.barrier()  # no rank returns before the checkpoint is written
     return out / "generator.safetensors"
 
 
-def sample_accuracy(generator: Generator, measure: Measure, n: int, seed: int) -> float:
+def sample_accuracy(generator: Generator, measure: Measure, n: int, seed: int) -> float | None:
     """Mean measured (validation) accuracy of n unconditioned draws, copies included: a training-time check that
-    draws from its own seeded generators (never from the training streams)."""
+    draws from its own seeded generators (never from the training streams). Draws that could not be evaluated are
+    left out; None when none could."""
     samples, _, _ = sample(generator, n, seed=seed, novel_only=False)
-    accuracies = measure([state_dict for state_dict, _, _ in samples])
-    return sum(accuracies) / len(accuracies)
+    accuracies = [a for a in measure([state_dict for state_dict, _, _ in samples]) if a is not None]
+    return sum(accuracies) / len(accuracies) if accuracies else None
 
 
 def load_generator(path: str | Path, zoo: str | None = None) -> Generator:
@@ -235,17 +256,45 @@ def load_generator(path: str | Path, zoo: str | None = None) -> Generator:
     `"bundled"` is the generator shipped beside the bundled zoo."""
     path = BUNDLED_GENERATOR if str(path) == "bundled" else Path(path)
     weights, metadata, config = open_checkpoint(path, FORMAT, DiffusionConfig)
-    recorded = metadata["basis"]
+    recorded = require(metadata, "basis", dict, path)
+    for key in ("zoo", "head"):
+        require(recorded, key, str, path)
     basis = FamilyBasis(Zoo.open(zoo or recorded["zoo"]), recorded["head"])
     if basis.describe() | {"zoo": recorded["zoo"]} != recorded:
         raise ZooError(
             f"{path} was trained on other runs than {zoo or recorded['zoo']} holds now (families, slots, or "
             "checkpoint sha256 differ); retrain it on this zoo"
         )
+    stats = require(metadata, "stats", dict, path)
+    check_stats(stats, basis.num_slots, path)
     model = CoordinateDenoiser(basis.num_slots, basis.num_families, config)
-    model.load_state_dict(weights)
+    load_weights(model, weights, path)
     model.eval()
-    return Generator(config, basis, model, metadata["stats"], hashlib.sha256(path.read_bytes()).hexdigest())
+    return Generator(config, basis, model, stats, hashlib.sha256(path.read_bytes()).hexdigest())
+
+
+STATS = ("coordinate_mean", "coordinate_std", "accuracy_mean", "accuracy_std", "accuracy_min", "accuracy_max",
+         "copy_threshold")  # fmt: skip
+
+
+def check_stats(stats: dict, slots: int, path: Path) -> None:
+    """A generator's standardisation statistics, as `train_generator` writes them, or a CheckpointError."""
+    if sorted(stats) != sorted(STATS):
+        raise CheckpointError(f"{path}: its stats must hold exactly {', '.join(STATS)}; found {', '.join(stats)}")
+    for name in ("coordinate_mean", "coordinate_std"):
+        values = stats[name]
+        if not isinstance(values, list) or len(values) != slots:
+            raise CheckpointError(f"{path}: stats.{name} must list {slots} numbers (one per slot), got {values!r}")
+        for value in values:
+            low = 0 if name == "coordinate_std" else None
+            check_number(f"{path}: stats.{name}[]", value, float, low, None, True, error=CheckpointError)
+    for name in ("accuracy_min", "accuracy_mean", "accuracy_max"):
+        check_number(f"{path}: stats.{name}", stats[name], float, 0, 1, error=CheckpointError)
+    if not stats["accuracy_min"] <= stats["accuracy_mean"] <= stats["accuracy_max"]:
+        raise CheckpointError(f"{path}: stats must have accuracy_min <= accuracy_mean <= accuracy_max")
+    check_number(f"{path}: stats.accuracy_std", stats["accuracy_std"], float, 0, None, True, error=CheckpointError)
+    # 0 would silently turn the copy check off
+    check_number(f"{path}: stats.copy_threshold", stats["copy_threshold"], float, 0, None, True, error=CheckpointError)
 
 
 # ----------------------------------------------------------------------------------------------- sampling
@@ -288,6 +337,8 @@ def sample(
             raise ConditionError(f"method={method} is a baseline: it takes no condition but head")
         return _baselines(generator, n, seed, method, distance, head)
     families = _families(basis, parent, head)
+    if method == "diffusion" and not 1 <= steps <= generator.config.timesteps:
+        raise ConditionError(f"steps must be in [1, {generator.config.timesteps}] (the trained timesteps), got {steps}")
     if target_acc is not None and not stats["accuracy_min"] <= target_acc <= stats["accuracy_max"]:
         raise ConditionError(
             f"target_acc={target_acc} is outside the validation accuracies it was trained on "

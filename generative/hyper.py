@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -28,8 +28,11 @@ from torch import nn
 
 from vitzoo.generative.autoencoder import AutoencoderConfig, HyperAutoencoder
 from vitzoo.generative.checkpoint import (
+    CheckpointError,
     load_training_state,
+    load_weights,
     open_checkpoint,
+    require,
     save_training_state,
     update_ema,
     write_checkpoint,
@@ -227,17 +230,22 @@ def embedding_rows(bundle: AutoencoderBundle) -> list[dict]:
 def load_autoencoder(path: str | Path, zoo: str | None = None) -> AutoencoderBundle:
     """An autoencoder checkpoint and its training data, rebuilt from its zoo and checked checkpoint by checkpoint."""
     path = Path(path)
-    weights, metadata, config = open_checkpoint(path, FORMAT, AutoencoderConfig)
-    if "pooling" not in metadata["config"]:
-        config = replace(config, pooling="mean")  # written before pooling was an option: those pooled the mean
-    recorded = metadata["data"]
-    spec = TokenSpec.from_dict(metadata["spec"])
-    normalizer = Normalizer(**metadata["normalizer"])
+    # written before pooling and windows were options: those pooled the mean over the whole sequence
+    legacy = {"pooling": "mean", "window": 0, "window_stride": 0}
+    weights, metadata, config = open_checkpoint(path, FORMAT, AutoencoderConfig, legacy)
+    recorded = require(metadata, "data", dict, path)
+    for key in ("zoo", "head"):
+        require(recorded, key, str, path)
+    try:
+        spec = TokenSpec.from_dict(require(metadata, "spec", dict, path))
+        normalizer = Normalizer(**require(metadata, "normalizer", dict, path))
+    except (KeyError, TypeError) as error:  # a field missing from or foreign to the recorded spec or normaliser
+        raise CheckpointError(f"{path}: its token spec or normaliser is incomplete ({error})") from None
     data = DeltaSet(Zoo.open(zoo or recorded["zoo"]), recorded["head"], spec, normalizer)
     if describe(data) | {"zoo": recorded["zoo"]} != recorded:
         raise ZooError(f"{path} was trained on other checkpoints than {zoo or recorded['zoo']} holds now")
     model = HyperAutoencoder(spec, config)
-    model.load_state_dict(weights)
+    load_weights(model, weights, path)
     model.eval()
     return AutoencoderBundle(config, data, model, hashlib.sha256(path.read_bytes()).hexdigest())
 

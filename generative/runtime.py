@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from vitzoo.errors import ConfigError
 from vitzoo.zoo_builder.models import autocast, check_precision, select_device
 
 
@@ -43,7 +44,7 @@ class Runtime:
     def share(self, batch_size: int) -> slice:
         """This rank's rows of a batch: contiguous, so that gathering in rank order gives the batch back."""
         if batch_size % self.world_size:
-            raise ValueError(f"batch_size {batch_size} does not split evenly across {self.world_size} processes")
+            raise ConfigError(f"batch_size {batch_size} does not split evenly across {self.world_size} processes")
         rows = batch_size // self.world_size
         return slice(self.rank * rows, (self.rank + 1) * rows)
 
@@ -131,7 +132,7 @@ def start_runtime(device: str = "auto", precision: str = "fp32") -> Runtime:
     takes the GPU of its LOCAL_RANK. `close_runtime` leaves it."""
     check_precision(precision)  # before joining a process group, not after
     if device not in ("auto", "cpu") and not device.startswith("cuda"):
-        raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
+        raise ConfigError(f"device must be auto, cpu or cuda, got {device!r}")
     chosen = select_device(device)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:

@@ -336,6 +336,6 @@ def test_imported_checkpoints_tokenize_exactly(tiny_source, tmp_path):
     zoo = import_vitmodelzoo(src, tmp_path / "zoo", progress=False)
     for entry in zoo:
         state_dict = entry.state_dict()
-        spec = TokenSpec.from_state_dict(state_dict, width=24, num_heads=zoo.architecture.kwargs["num_heads"])
+        spec = TokenSpec.from_state_dict(state_dict, width=24, num_heads=zoo.architecture.num_heads)
         back = detokenize(tokenize(state_dict, spec).values, spec)
         assert all(torch.equal(back[k], v) for k, v in state_dict.items()), entry.model_id

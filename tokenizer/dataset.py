@@ -54,7 +54,7 @@ class TokenDataset(Dataset):
         self.augmentation = augmentation or Augmentation()
         self.views = views
         self.seed = seed
-        self.num_heads = zoo.architecture.kwargs.get("num_heads")
+        self.num_heads = zoo.architecture.num_heads
         self._layers = None
         self._draws = 0
 

@@ -1,18 +1,31 @@
 """`vitzoo`: one console script, one subcommand per pipeline stage.
 
 Hydra commands take overrides after the subcommand (`vitzoo build zoo=digits_tiny out=zoos/tiny`);
-`vitzoo <cmd> --help` shows the composed config. Bad input (unknown preset, key or value; a missing
-dataset; an incompatible output folder) ends with one line on stderr and exit code 2.
+`vitzoo <cmd> --help` shows the composed config. Bad input (unknown preset, key or value; a missing or
+malformed file; an output folder that cannot be written; a full disk), that is every `VitzooError`, ends with one
+line on stderr and exit code 2, and the failed run leaves no `logs/` behind; anything else is a bug and ends with
+its traceback.
+
+Every command that writes follows one policy for its output folder (`prepare_out`): it must not exist or be empty
+(its `logs/` aside), or hold a run the command resumes (build, train, demo; import joins a zoo of the same
+architecture); `overwrite=true` (`--overwrite` for probe and import) replaces an earlier output of the same command.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
+import os
+import re
+import shutil
 import sys
 from pathlib import Path
 
 from vitzoo import configs
+from vitzoo.errors import ConfigError, VitzooError
+
 CONFIG_DIR = str(Path(configs.__file__).resolve().parent)
 
 COMMANDS = {
@@ -29,14 +42,95 @@ COMMANDS = {
 }
 
 
-class UserError(Exception):
-    """Bad input from the user: reported in one line, exit code 2."""
+# a file that every output of the command holds (finished, or resumable): what overwrite=true may replace
+OUTPUT_MARKERS = {
+    "build": ("zoo.json",),
+    "import": ("zoo.json",),
+    "sample": ("zoo.json",),
+    "evaluate": ("report.md",),
+    "analyze": ("report.md",),
+    "soup": ("report.md",),
+    "probe": ("report.md",),
+    "train": ("train_state.safetensors", "generator.safetensors", "autoencoder.safetensors"),
+    "demo": ("stages.json",),
+}
+RESUMABLE = ("build", "train", "demo", "import")  # they check themselves that an existing out is the same run
+# errors of the file system that mean bad input or a full disk, not a bug
+USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENAMETOOLONG,
+               errno.ENOTDIR, errno.EISDIR}  # fmt: skip
 
 
 def fail(command: str, message: str) -> None:
     first_line = str(message).strip().splitlines()[0] if str(message).strip() else "failed"
-    print(f"vitzoo {command}: error: {first_line}", file=sys.stderr)
+    print(f"vitzoo{f' {command}' if command else ''}: error: {first_line}", file=sys.stderr)
     sys.exit(2)
+
+
+@contextlib.contextmanager
+def one_line_errors(command: str, cleanup=lambda: None):
+    """Bad input (a VitzooError, or a full disk or unwritable path) as one line and exit code 2; anything else
+    keeps its traceback. `cleanup` runs first whenever the command fails."""
+    try:
+        yield
+    except VitzooError as error:
+        cleanup()
+        fail(command, str(error))
+    except OSError as error:
+        cleanup()
+        if error.errno not in USER_ERRNOS:
+            raise
+        fail(command, f"{error.strerror}: {error.filename}" if error.filename else error.strerror)
+    except Exception:
+        cleanup()
+        raise
+
+
+def prepare_out(command: str, out: Path, overwrite: bool) -> None:
+    """Check `out` against the policy of the module docstring before anything runs (ConfigError saying why not);
+    with `overwrite`, remove the earlier output (its `logs/` stay)."""
+    name_max = 255
+    if any(len(part.encode()) > name_max for part in out.parts) or len(str(out.absolute()).encode()) >= 4096:
+        raise ConfigError(f"out={out}: a name in it is longer than the file system allows ({name_max} bytes)")
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        where = "is a file" if existing == out else f"lies under the file {existing}"
+        raise ConfigError(f"out={out} {where}; out must be a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"out={out}: {existing} is not writable")
+    entries = sorted(p.name for p in out.iterdir() if p.name != "logs") if out.is_dir() else []
+    if not entries:
+        return
+    markers = OUTPUT_MARKERS[command]
+    if overwrite:
+        if not any((out / marker).exists() for marker in markers):
+            raise ConfigError(f"out={out} holds {entries[0]} but no vitzoo {command} output ({markers[0]}); "
+                              "overwrite=true replaces only those: choose another out")  # fmt: skip
+        for name in entries:
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        return
+    if command not in RESUMABLE:
+        raise ConfigError(f"out={out} already holds {', '.join(entries[:3])}{' ...' if len(entries) > 3 else ''}: "
+                          "pass overwrite=true to replace it, or choose another out")  # fmt: skip
+
+
+def remove_run_logs(run_dir: Path, created: list[Path]) -> None:
+    """Remove a failed run's log folder, and the folders above it that the run created, when they are empty."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    for folder in sorted(created, key=lambda p: len(p.parts), reverse=True):
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only if empty
+
+
+def hydra_value(text: str) -> str:
+    """A positional argument as a quoted Hydra override value: any path, with parentheses, spaces or non-ASCII
+    letters, is read verbatim (Hydra's grammar would otherwise parse `tiny(1)` as a function call)."""
+    # Hydra's escapes: a quote is \\', and the backslashes right before a quote or the closing quote are doubled
+    escaped = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", text)
+    escaped = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, escaped)
+    return f"'{escaped}'"
 
 
 def usage() -> str:
@@ -55,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
         fail("", f"unknown command {command!r}; commands: {', '.join(COMMANDS)}")
     if command == "demo":
         positional = rest[:1] if rest and "=" not in rest[0] and not rest[0].startswith("-") else []
-        run_hydra("demo", "demo", [f"path={p}" for p in positional] + rest[len(positional) :], demo_task)
+        run_hydra("demo", "demo", [f"path={hydra_value(p)}" for p in positional] + rest[len(positional) :], demo_task)
     elif command == "build":
         run_hydra("build", "build", rest, build_task)
     elif command == "evaluate":
@@ -82,15 +176,16 @@ def main(argv: list[str] | None = None) -> None:
 def run_zoo_command(command: str, rest: list[str], task, what: str = "zoo folder or 'bundled'") -> None:
     """A Hydra command whose first argument is the zoo (passed on as the `path` override)."""
     if rest and "=" not in rest[0] and not rest[0].startswith("-"):
-        run_hydra(command, command, [f"path={rest[0]}", *rest[1:]], task)
+        run_hydra(command, command, [f"path={hydra_value(rest[0])}", *rest[1:]], task)
         return
     if not any(flag in rest for flag in ("--help", "-h", "--cfg", "-c")):
         fail(command, f"the first argument is the {what.split(' or ')[0]}: vitzoo {command} <{what}> [overrides]")
     run_hydra(command, command, rest, task)
 
 
-def validate_overrides(config_name: str, overrides: list[str]) -> None:
-    """Compose the config for every job of a (multi)run now, so bad input fails in one line before any work."""
+def validate_overrides(config_name: str, overrides: list[str]) -> list:
+    """Compose the config for every job of a (multi)run now, so bad input fails in one line before any work;
+    returns the composed configs."""
     from hydra import compose, initialize_config_dir
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.global_hydra import GlobalHydra
@@ -100,6 +195,7 @@ def validate_overrides(config_name: str, overrides: list[str]) -> None:
     parsed = OverridesParser.create().parse_overrides(plain)
     jobs = BasicSweeper.split_arguments(parsed, max_batch_size=None)[0] if parsed else [[]]
     GlobalHydra.instance().clear()
+    composed = []
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         for job in jobs:
             cfg = compose(config_name=config_name, overrides=list(job))
@@ -107,31 +203,52 @@ def validate_overrides(config_name: str, overrides: list[str]) -> None:
                 from vitzoo.zoo_builder.blueprint import blueprint_from_config
 
                 blueprint_from_config(cfg.zoo)
+            composed.append(cfg)
     GlobalHydra.instance().clear()
+    return composed
 
 
 def run_hydra(command: str, config_name: str, overrides: list[str], task) -> None:
     import hydra
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
 
     from vitzoo.zoo_builder.config import register_schemas
 
     register_schemas()
+    created: list[Path] = []  # folders this run creates for its logs: removed again if it fails
     if not any(flag in overrides for flag in ("--help", "-h", "--hydra-help", "--info", "--cfg", "-c")):
         sweep_flags = {"--multirun", "-m"}
         try:
-            validate_overrides(config_name, [o for o in overrides if o not in sweep_flags])
-        except Exception as error:  # Hydra and OmegaConf raise many types; all mean bad input here
+            jobs = validate_overrides(config_name, [o for o in overrides if o not in sweep_flags])
+        except (HydraException, OmegaConfBaseException, VitzooError) as error:  # bad input: keys, values, presets
             fail(command, _config_error(error))
+        with one_line_errors(command):
+            for out in dict.fromkeys(Path(cfg.out) for cfg in jobs):
+                prepare_out(command, out, jobs[0].overwrite)
+                created += [folder for folder in (out, out / "logs") if not folder.exists()]
+
+    def guarded(cfg) -> None:
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        with one_line_errors(command, cleanup=lambda: remove_run_logs(run_dir, created)):
+            task(cfg)
+
     # Hydra's parser wants its flags before the overrides (`vitzoo build out=x --multirun a=1,2` is fine here)
     flags = [o for o in overrides if o.startswith("-")]
     sys.argv = [f"vitzoo {command}", *flags, *[o for o in overrides if not o.startswith("-")]]
-    hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name=config_name)(task)()
+    hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name=config_name)(guarded)()
 
 
 def _config_error(error: Exception) -> str:
+    from omegaconf.errors import OmegaConfBaseException
+
     text = str(error).strip()
     if "In 'build': Could not find" in text or "Could not find '" in text:
         return text.splitlines()[0] + " (presets live in configs/<group>/<name>.yaml)"
+    cause = error.__cause__
+    if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):  # a value of the wrong type
+        return f"{cause.full_key}: {cause.msg}"
     lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("full_key")]
     return " ".join(lines[:2]) if lines else type(error).__name__
 
@@ -142,9 +259,8 @@ def build_task(cfg) -> None:
     from omegaconf import OmegaConf
 
     from vitzoo.zoo_builder.build import BuildSettings, build
-    from vitzoo.zoo_builder.data import DatasetError
     from vitzoo.zoo_builder.logger import make_logger
-    from vitzoo.zoo_builder.zoo import Zoo, ZooError
+    from vitzoo.zoo_builder.zoo import Zoo
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -168,12 +284,20 @@ def build_task(cfg) -> None:
     try:
         logger = make_logger(OmegaConf.to_object(cfg.logger), resolved, cfg.zoo.name, out)
         build(cfg.zoo, settings, logger)
-    except (ZooError, DatasetError, ValueError) as error:
-        fail("build", str(error))
     finally:
         if logger is not None:
             logger.finish()
     print(Zoo.open(out).summary())
+
+
+def epoch_setting(epoch: str) -> str | int:
+    """The `epoch` setting: last, all or an epoch number."""
+    if epoch in ("last", "all"):
+        return epoch
+    try:
+        return int(epoch)
+    except ValueError:
+        raise ConfigError(f"epoch must be last, all or an epoch number, got {epoch!r}") from None
 
 
 def save_policy(cfg):
@@ -189,10 +313,9 @@ def evaluate_task(cfg) -> None:
     from vitzoo.eval.compare import compare, write_comparison
     from vitzoo.eval.finetune import FinetuneRecipe
     from vitzoo.eval.report import write_evaluation
-    from vitzoo.zoo_builder.data import DatasetError
     from vitzoo.zoo_builder.logger import make_logger
     from vitzoo.zoo_builder.models import select_device
-    from vitzoo.zoo_builder.zoo import Zoo, ZooError
+    from vitzoo.zoo_builder.zoo import Zoo
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -204,19 +327,19 @@ def evaluate_task(cfg) -> None:
     logger = None
     try:
         if cfg.split not in ("train", "val", "test"):
-            raise ValueError(f"split must be train, val or test, got {cfg.split!r}")
+            raise ConfigError(f"split must be train, val or test, got {cfg.split!r}")
         zoo = Zoo.open(cfg.path)
-        epoch = cfg.epoch if cfg.epoch in ("last", "all") else int(cfg.epoch)
+        epoch = epoch_setting(cfg.epoch)
         selection = zoo.filter(stage=cfg.stage, epoch=None if epoch == "all" else epoch)
         if len(selection) == 0:
-            raise ValueError(f"no checkpoint of {cfg.path} matches stage={cfg.stage} epoch={cfg.epoch}")
+            raise ConfigError(f"no checkpoint of {cfg.path} matches stage={cfg.stage} epoch={cfg.epoch}")
         device = select_device(cfg.device)
         logger = make_logger(OmegaConf.to_object(cfg.logger), resolved, str(cfg.path), out, job_type="evaluate")
         if cfg.reference:
             wanted = {} if cfg.reference_head is None else {"head": cfg.reference_head}
             reference = Zoo.open(cfg.reference).filter(stage=cfg.reference_stage, epoch="last", **wanted)
             if len(reference) < 2:
-                raise ValueError(f"the reference {cfg.reference} has fewer than two {cfg.reference_stage} models")
+                raise ConfigError(f"the reference {cfg.reference} has fewer than two {cfg.reference_stage} models")
             comparison = compare(
                 selection, reference, cfg.dataset, cfg.split, cfg.seed, cfg.align, cfg.baselines,
                 recipe if epochs else None, device, cfg.data_root, cfg.progress, mode=cfg.mode,
@@ -234,8 +357,6 @@ def evaluate_task(cfg) -> None:
             images = {name: out / f"{name}.png" for name in ("accuracy", "finetune")}
         if logger is not None:
             logger.log_report(tables, images)
-    except (ZooError, DatasetError, ValueError) as error:
-        fail("evaluate", str(error))
     finally:
         if logger is not None:
             logger.finish()
@@ -247,21 +368,16 @@ def analyze_task(cfg) -> None:
     from omegaconf import OmegaConf
 
     from vitzoo.eval.analyze import headline, select, write_analysis
-    from vitzoo.zoo_builder.data import DatasetError
-    from vitzoo.zoo_builder.zoo import Zoo, ZooError
+    from vitzoo.zoo_builder.zoo import Zoo
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    try:
-        zoo = Zoo.open(cfg.path)
-        epoch = cfg.epoch if cfg.epoch in ("last", "all") else int(cfg.epoch)
-        selection = select(zoo, cfg.stage, epoch, cfg.max_models)
-        results = write_analysis(
-            zoo, selection, Path(cfg.out), OmegaConf.to_container(cfg, resolve=True), dataset=cfg.dataset,
-            split=cfg.split, cka_batch=cfg.cka_batch, data_root=cfg.data_root, progress=cfg.progress,
-        )  # fmt: skip
-    except (ZooError, DatasetError, ValueError) as error:
-        fail("analyze", str(error))
+    zoo = Zoo.open(cfg.path)
+    selection = select(zoo, cfg.stage, epoch_setting(cfg.epoch), cfg.max_models)
+    results = write_analysis(
+        zoo, selection, Path(cfg.out), OmegaConf.to_container(cfg, resolve=True), dataset=cfg.dataset,
+        split=cfg.split, cka_batch=cfg.cka_batch, data_root=cfg.data_root, progress=cfg.progress,
+    )  # fmt: skip
     print(headline(results))
     print(f"  report: {Path(cfg.out) / 'report.md'}")
 
@@ -271,30 +387,26 @@ def soup_task(cfg) -> None:
     from omegaconf import OmegaConf
 
     from vitzoo.eval.soups import write_soups
-    from vitzoo.zoo_builder.data import DatasetError
     from vitzoo.zoo_builder.models import select_device
-    from vitzoo.zoo_builder.zoo import Zoo, ZooError
+    from vitzoo.zoo_builder.zoo import Zoo
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    try:
-        zoo = Zoo.open(cfg.path)
-        out = write_soups(zoo, cfg.dataset or zoo.dataset, list(cfg.k), cfg.parent, Path(cfg.out),
-                          OmegaConf.to_container(cfg, resolve=True), select_device(cfg.device),
-                          cfg.data_root)  # fmt: skip
-    except (ZooError, DatasetError, ValueError) as error:
-        fail("soup", str(error))
+    zoo = Zoo.open(cfg.path)
+    out = write_soups(zoo, cfg.dataset or zoo.dataset, list(cfg.k), cfg.parent, Path(cfg.out),
+                      OmegaConf.to_container(cfg, resolve=True), select_device(cfg.device), cfg.data_root)  # fmt: skip
     print((out / "report.md").read_text())
 
 
-def measure_on(dataset: str, split: str, num_heads: int | None, data_root: str | None, device="cpu"):
-    """A callback giving the accuracy of state dicts on one split (the batched evaluator, for generators)."""
+def measure_on(dataset: str, split: str, num_heads: int, data_root: str | None, device="cpu"):
+    """A callback giving the accuracy of state dicts on one split (the batched evaluator, for generators); None
+    for a model that could not be evaluated (the generator leaves it out of its training labels and counts it)."""
     from vitzoo.eval.evaluation import evaluate
 
     def measure(state_dicts):
         pairs = [(str(i), state_dict) for i, state_dict in enumerate(state_dicts)]
         results = evaluate(pairs, dataset, split, num_heads=num_heads, device=device, data_root=data_root)
-        return [r.accuracy if r.error is None else 0.0 for r in results]
+        return [r.accuracy if r.error is None else None for r in results]
 
     return measure
 
@@ -308,9 +420,8 @@ def train_task(cfg) -> None:
     from vitzoo.generative.autoencoder import AutoencoderConfig
     from vitzoo.generative.diffusion import DiffusionConfig
     from vitzoo.generative.runtime import close_runtime, start_runtime
-    from vitzoo.zoo_builder.data import DatasetError
     from vitzoo.zoo_builder.logger import make_logger
-    from vitzoo.zoo_builder.zoo import Zoo, ZooError
+    from vitzoo.zoo_builder.zoo import Zoo
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -321,11 +432,11 @@ def train_task(cfg) -> None:
     try:
         name = model.pop("name", None)
         if name not in ("diffusion", "autoencoder"):
-            raise ValueError(f"model={name} is not available; models: diffusion, autoencoder")
+            raise ConfigError(f"model={name} is not available; models: diffusion, autoencoder")
         try:
             config = DiffusionConfig(**model) if name == "diffusion" else AutoencoderConfig(**model)
-        except TypeError as error:
-            raise ValueError(f"bad model config: {error}") from None
+        except TypeError as error:  # an unknown field
+            raise ConfigError(f"bad model config: {error}") from None
         zoo = Zoo.open(cfg.path)
         runtime = start_runtime(cfg.device, cfg.precision)
         if runtime.main:
@@ -334,7 +445,7 @@ def train_task(cfg) -> None:
         if name == "diffusion":
             from vitzoo.generative.generator import train_generator
 
-            measure = measure_on(zoo.dataset, "val", zoo.architecture.kwargs.get("num_heads"), cfg.data_root,
+            measure = measure_on(zoo.dataset, "val", zoo.architecture.num_heads, cfg.data_root,
                                  runtime.device)  # fmt: skip
             path = train_generator(zoo, out, config, measure, cfg.head, cfg.save_every, cfg.progress, log, runtime,
                                    cfg.sample_every, cfg.sample_n)  # fmt: skip
@@ -344,17 +455,19 @@ def train_task(cfg) -> None:
             path = train_autoencoder(zoo, out, config, cfg.head, cfg.save_every, cfg.progress, log, runtime)
             if logger is not None:
                 logger.log_report({"autoencoder/embeddings": embedding_rows(load_autoencoder(path))}, {})
-    except (ZooError, DatasetError, ValueError) as error:
-        fail("train", str(error))
     finally:
         if logger is not None:
             logger.finish()
         if runtime is not None:
             close_runtime(runtime)
     if runtime.main:
+        from vitzoo.generative.checkpoint import read_checkpoint
         from vitzoo.generative.runtime import timing_line
 
+        unmeasured = read_checkpoint(path)[1].get("unmeasured", 0)  # recorded only when some could not be evaluated
         print(f"{name} written to {path} ({path.stat().st_size / 1e6:.2f} MB)")
+        if unmeasured:
+            print(f"{unmeasured} models could not be evaluated on val: left out of the training labels")
         print(timing_line(json.loads((out / "timing.json").read_text())))
 
 
@@ -364,35 +477,31 @@ def demo_task(cfg) -> None:
     from omegaconf import OmegaConf
 
     from vitzoo.demo import conditioning_line, run_demo, table
-    from vitzoo.zoo_builder.data import DatasetError
     from vitzoo.zoo_builder.logger import make_logger
     from vitzoo.zoo_builder.models import select_device
-    from vitzoo.zoo_builder.zoo import Zoo, ZooError
+    from vitzoo.zoo_builder.zoo import Zoo
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     (run_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(resolved))
-    try:
-        zoo = Zoo.open(cfg.path)
-        device = select_device(cfg.device)
-        measure = measure_on(zoo.dataset, "val", zoo.architecture.kwargs.get("num_heads"), cfg.data_root, device)
-        from vitzoo.generative.generator import BUNDLED_GENERATOR
+    zoo = Zoo.open(cfg.path)
+    device = select_device(cfg.device)
+    measure = measure_on(zoo.dataset, "val", zoo.architecture.num_heads, cfg.data_root, device)
+    from vitzoo.generative.generator import BUNDLED_GENERATOR
 
-        summary = run_demo(cfg, BUNDLED_GENERATOR, measure, device)
-        logger = make_logger(OmegaConf.to_object(cfg.logger), resolved, str(cfg.path), Path(cfg.out), job_type="demo")
-        if logger is not None:
-            out = Path(cfg.out)
-            plots = {"accuracy": "evaluation/accuracy.png", "novelty": "evaluation/novelty.png",
-                     "finetune": "evaluation/finetune.png", "soup_gains": "soups/gains.png"}  # fmt: skip
-            logger.log_report(
-                {"summary": summary["rows"], "conditioning": [summary["conditioning"] or {}]},
-                {name: out / path for name, path in plots.items()},
-            )
-            logger.finish()
-    except (ZooError, DatasetError, ValueError) as error:
-        fail("demo", str(error))
+    summary = run_demo(cfg, BUNDLED_GENERATOR, measure, device)
+    logger = make_logger(OmegaConf.to_object(cfg.logger), resolved, str(cfg.path), Path(cfg.out), job_type="demo")
+    if logger is not None:
+        out = Path(cfg.out)
+        plots = {"accuracy": "evaluation/accuracy.png", "novelty": "evaluation/novelty.png",
+                 "finetune": "evaluation/finetune.png", "soup_gains": "soups/gains.png"}  # fmt: skip
+        logger.log_report(
+            {"summary": summary["rows"], "conditioning": [summary["conditioning"] or {}]},
+            {name: out / path for name, path in plots.items()},
+        )
+        logger.finish()
     print("\n".join(table(summary["rows"])))
     print(f"\n{conditioning_line(summary['conditioning'])}")
     print(f"{summary['soups']}")
@@ -406,31 +515,28 @@ def sample_task(cfg) -> None:
     from vitzoo.generative.generator import BUNDLED_GENERATOR, ConditionError, load_generator, sample
     from vitzoo.generative.hyper import FORMAT as AUTOENCODER_FORMAT
     from vitzoo.generative.hyper import load_autoencoder, sample_kde
-    from vitzoo.zoo_builder.zoo import Zoo, ZooError, write_sampled
+    from vitzoo.zoo_builder.zoo import Zoo, write_sampled
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     path = BUNDLED_GENERATOR if cfg.path == "bundled" else cfg.path  # read its format before loading
-    try:
-        if checkpoint_format(path) == AUTOENCODER_FORMAT:
-            if cfg.method != "kde":
-                raise ConditionError(f"{path} is an autoencoder: sample it with method=kde")
-            if cfg.head is not None:
-                raise ConditionError("method=kde samples the autoencoder's own head type: drop head=")
-            bundle = load_autoencoder(path, cfg.zoo)
-            samples, parents = sample_kde(bundle, cfg.n, cfg.seed, cfg.bandwidth, cfg.top)
-            architecture, dataset, note = bundle.data.architecture, Zoo.open(bundle.data.zoo_root).dataset, ""
-        else:
-            generator = load_generator(path, cfg.zoo)
-            samples, parents, info = sample(
-                generator, cfg.n, cfg.seed, cfg.method, cfg.parent, cfg.target_acc, cfg.optimizer, cfg.lr,
-                cfg.guidance, cfg.steps, novel_only=cfg.novel_only, distance=cfg.distance, head=cfg.head,
-            )  # fmt: skip
-            architecture, dataset = generator.basis.architecture, generator.basis.dataset
-            note = f" ({info['redrawn_as_copies']} draws redrawn as copies)"
-        zoo = write_sampled(cfg.out, architecture, dataset, samples, parents)
-    except (ZooError, ConditionError) as error:
-        fail("sample", str(error))
+    if checkpoint_format(path) == AUTOENCODER_FORMAT:
+        if cfg.method != "kde":
+            raise ConditionError(f"{path} is an autoencoder: sample it with method=kde")
+        if cfg.head is not None:
+            raise ConditionError("method=kde samples the autoencoder's own head type: drop head=")
+        bundle = load_autoencoder(path, cfg.zoo)
+        samples, parents = sample_kde(bundle, cfg.n, cfg.seed, cfg.bandwidth, cfg.top)
+        architecture, dataset, note = bundle.data.architecture, Zoo.open(bundle.data.zoo_root).dataset, ""
+    else:
+        generator = load_generator(path, cfg.zoo)
+        samples, parents, info = sample(
+            generator, cfg.n, cfg.seed, cfg.method, cfg.parent, cfg.target_acc, cfg.optimizer, cfg.lr,
+            cfg.guidance, cfg.steps, novel_only=cfg.novel_only, distance=cfg.distance, head=cfg.head,
+        )  # fmt: skip
+        architecture, dataset = generator.basis.architecture, generator.basis.dataset
+        note = f" ({info['redrawn_as_copies']} draws redrawn as copies)"
+    zoo = write_sampled(cfg.out, architecture, dataset, samples, parents)
     print(f"{len(zoo.records)} sampled ViTs written to {cfg.out}{note}")
 
 
@@ -438,11 +544,13 @@ def sample_task(cfg) -> None:
 
 
 def verify_command(args: list[str]) -> None:
-    from vitzoo.zoo_builder.zoo import verify
+    from vitzoo.zoo_builder.zoo import Zoo, verify
 
     parser = argparse.ArgumentParser(prog="vitzoo verify", description=COMMANDS["verify"])
     parser.add_argument("zoo", help="zoo directory, or 'bundled'")
     options = parser.parse_args(args)
+    with one_line_errors("verify"):
+        Zoo.open(options.zoo)  # a zoo that cannot be opened is bad input (exit 2), not a problem found (exit 1)
     problems = verify(options.zoo)
     for problem in problems:
         print(problem)
@@ -457,25 +565,25 @@ def probe_command(args: list[str]) -> None:
 
     from vitzoo.generative.hyper import load_autoencoder
     from vitzoo.generative.probe import probe
-    from vitzoo.zoo_builder.zoo import ZooError, atomic_write_json, code_version
+    from vitzoo.zoo_builder.zoo import atomic_write_json, code_version
 
     parser = argparse.ArgumentParser(prog="vitzoo probe", description=COMMANDS["probe"])
     parser.add_argument("autoencoder", help="autoencoder checkpoint (vitzoo train <zoo> model=autoencoder)")
     parser.add_argument("zoo", nargs="?", default=None, help="its zoo, if it moved since training")
     parser.add_argument("--out", default="runs/probe")
+    parser.add_argument("--overwrite", action="store_true", help="replace the report of an earlier probe in --out")
     parser.add_argument("--threads", type=int, default=None)
     options = parser.parse_args(args)
     if options.threads:
         torch.set_num_threads(options.threads)
-    try:
-        bundle = load_autoencoder(options.autoencoder, options.zoo)
-    except ZooError as error:
-        fail("probe", str(error))
-    rows = probe(bundle)
     out = Path(options.out)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "results.json", {"autoencoder": options.autoencoder, "sha256": bundle.sha256,
-                                             "code_version": code_version(), "rows": rows})  # fmt: skip
+    with one_line_errors("probe"):
+        prepare_out("probe", out, options.overwrite)
+        bundle = load_autoencoder(options.autoencoder, options.zoo)
+        rows = probe(bundle)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / "results.json", {"autoencoder": options.autoencoder, "sha256": bundle.sha256,
+                                                 "code_version": code_version(), "rows": rows})  # fmt: skip
     lines = [
         f"# Property probes of {options.autoencoder}",
         "",
@@ -486,22 +594,23 @@ def probe_command(args: list[str]) -> None:
         *[f"| {r['property']} | {r['metric']} | {r['embedding']:.3f} | {r['weight_statistics']:.3f} |" for r in rows],
         "",
     ]
-    (out / "report.md").write_text("\n".join(lines))
+    with one_line_errors("probe"):
+        (out / "report.md").write_text("\n".join(lines))
     print((out / "report.md").read_text())
 
 
 def import_command(args: list[str]) -> None:
-    from vitzoo.zoo_builder.importers import IMPORTERS, ImportErrorBadInput
+    from vitzoo.zoo_builder.importers import IMPORTERS
 
     parser = argparse.ArgumentParser(prog="vitzoo import", description=COMMANDS["import"])
     parser.add_argument("layout", choices=sorted(IMPORTERS), help="the foreign layout")
     parser.add_argument("src", help="folder of the foreign zoo")
-    parser.add_argument("dst", help="zoo folder to write")
+    parser.add_argument("dst", help="zoo folder to write (or a zoo of the same architecture to join)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the zoo in dst instead of joining it")
     options = parser.parse_args(args)
-    try:
+    with one_line_errors("import"):
+        prepare_out("import", Path(options.dst), options.overwrite)
         zoo = IMPORTERS[options.layout](Path(options.src), Path(options.dst))
-    except ImportErrorBadInput as error:
-        fail("import", str(error))
     print(zoo.summary())
 
 

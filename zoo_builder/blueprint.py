@@ -16,6 +16,7 @@ import json
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, List, Optional  # OmegaConf's typed configs need typing's generics
 
+from vitzoo.errors import ConfigError
 from vitzoo.zoo_builder.data import info as dataset_info
 from vitzoo.zoo_builder.models import HEADS, INIT_SCHEMES, Architecture
 
@@ -67,7 +68,7 @@ class Factors:
         ]
         for ok, message in checks:
             if not ok:
-                raise ValueError(f"bad factors: {message} (got {self.to_dict()})")
+                raise ConfigError(f"bad factors: {message} (got {self.to_dict()})")
         dataset_info(self.dataset)
 
     @property
@@ -167,7 +168,7 @@ def expand_stage(stage: StageConfig) -> list[Factors]:
 def _check_factor_names(mapping: dict, where: str) -> None:
     unknown = set(mapping) - set(FACTOR_NAMES)
     if unknown:
-        raise ValueError(f"unknown factor(s) {sorted(unknown)} in {where}; known factors: {', '.join(FACTOR_NAMES)}")
+        raise ConfigError(f"unknown factor(s) {sorted(unknown)} in {where}; known factors: {', '.join(FACTOR_NAMES)}")
 
 
 def model_id(stage: str, factors: Factors, parent_id: str | None) -> str:
@@ -191,7 +192,7 @@ def expand(blueprint: Blueprint) -> list[Run]:
 def select_shard(runs: list[Run], index: int, count: int) -> list[Run]:
     """The runs of shard `index` of `count`: whole families, dealt round-robin in blueprint order."""
     if not 0 <= index < count:
-        raise ValueError(f"shard {index}/{count}: index must be in 0..{count - 1}")
+        raise ConfigError(f"shard {index}/{count}: index must be in 0..{count - 1}")
     families = list(dict.fromkeys(run.family() for run in runs))
     mine = set(families[index::count])
     return [run for run in runs if run.family() in mine]
@@ -203,9 +204,9 @@ def parse_shard(text: str | None) -> tuple[int, int]:
     try:
         index, count = (int(part) for part in str(text).split("/"))
     except ValueError:
-        raise ValueError(f"shard must look like 'i/n' (e.g. 0/2), got {text!r}") from None
+        raise ConfigError(f"shard must look like 'i/n' (e.g. 0/2), got {text!r}") from None
     if count < 1 or not 0 <= index < count:
-        raise ValueError(f"shard {text}: need 0 <= i < n")
+        raise ConfigError(f"shard {text}: need 0 <= i < n")
     return index, count
 
 

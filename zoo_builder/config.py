@@ -31,6 +31,7 @@ class BuildConfig:
     zoo: Blueprint = field(default_factory=Blueprint)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     out: str = "zoos/zoo"
+    overwrite: bool = False  # replace the zoo in out (else a rerun resumes it)
     shard: str = "0/1"
     device: str = "auto"
     precision: str = "fp32"
@@ -67,6 +68,7 @@ class EvaluateConfig:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     finetune_epochs: Optional[int] = None  # shorthand for finetune.epochs
     out: str = "runs/evaluate"
+    overwrite: bool = False  # replace an earlier report in out (else a non-empty out is refused)
     mode: str = "auto"
     chunk_size: int = 64
     device: str = "auto"
@@ -86,6 +88,7 @@ class AnalyzeConfig:
     max_models: Optional[int] = None
     cka_batch: int = 256
     out: str = "runs/analyze"
+    overwrite: bool = False
     threads: Optional[int] = None
     data_root: Optional[str] = None
     progress: bool = True
@@ -98,6 +101,7 @@ class SoupConfig:
     k: List[int] = field(default_factory=lambda: [2, 3])
     parent: Optional[str] = None
     out: str = "runs/soup"
+    overwrite: bool = False
     device: str = "auto"
     data_root: Optional[str] = None
     threads: Optional[int] = None
@@ -109,6 +113,7 @@ class TrainConfig:
     model: Any = None  # configs/model/<name>.yaml: {name: diffusion, ...its config fields}
     head: str = "linear"  # which fine-tunes: linear | mlp | all (both head types; the autoencoder: their bodies)
     out: str = "runs/generator"
+    overwrite: bool = False  # train afresh into out (else a rerun resumes it)
     save_every: int = 500
     device: str = "auto"  # auto | cpu | cuda (under torchrun each rank takes the GPU of its LOCAL_RANK)
     precision: str = "fp32"  # fp32 | bf16 (autocast for forward and loss; weights, optimizer and EMA stay fp32)
@@ -128,6 +133,7 @@ class SampleConfig:
     bandwidth: float = 0.2  # kde: noise in units of the anchors' latent std
     top: float = 1.0  # kde: anchors are this fraction of models, best by validation accuracy
     out: str = "runs/samples"
+    overwrite: bool = False
     seed: int = 0
     parent: Optional[str] = None
     target_acc: Optional[float] = None
@@ -146,6 +152,7 @@ class SampleConfig:
 class DemoConfig:
     path: str = "bundled"  # the zoo
     out: str = "runs/demo"
+    overwrite: bool = False  # run afresh into out (else a rerun resumes it)
     retrain: bool = False  # train the generator afresh instead of using the shipped one
     generator: Dict[str, Any] = field(default_factory=dict)  # DiffusionConfig fields that differ, for retrain
     n: int = 120  # unconditioned samples

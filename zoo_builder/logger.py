@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from vitzoo.errors import ConfigError
+
 
 @dataclass
 class LoggerConfig:
@@ -25,7 +27,7 @@ class WandbLogger:
         try:
             import wandb
         except ImportError:
-            raise ValueError("logger=wandb needs the wandb package: pip install -e '.[wandb]'") from None
+            raise ConfigError("logger=wandb needs the wandb package: pip install -e '.[wandb]'") from None
 
         self.wandb = wandb
         self.run = wandb.init(
@@ -89,4 +91,4 @@ def make_logger(cfg: LoggerConfig, config: dict, zoo_name: str, out: Path, job_t
         return None
     if cfg.kind == "wandb":
         return WandbLogger(cfg, config, zoo_name, out, job_type)
-    raise ValueError(f"unknown logger {cfg.kind!r}; expected none or wandb")
+    raise ConfigError(f"unknown logger {cfg.kind!r}; expected none or wandb")

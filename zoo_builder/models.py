@@ -9,11 +9,15 @@ model that `timm.create_model(name, **kwargs)` would, with the head swapped.
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
 from dataclasses import dataclass, field
 
 import timm
 import torch
 from torch import nn
+
+from vitzoo.errors import ConfigError
 
 HEADS = ("linear", "mlp")
 PRECISIONS = ("fp32", "bf16")
@@ -30,6 +34,21 @@ class Architecture:
     def to_dict(self) -> dict:
         return {"model_name": self.model_name, "kwargs": dict(self.kwargs)}
 
+    @property
+    def num_heads(self) -> int:
+        """Attention heads per block: the kwargs' `num_heads`, else the default of timm's constructor (kwargs may
+        hold only what differs from it: an imported ViT-S/16 zoo has `kwargs == {}` and 6 heads)."""
+        if "num_heads" in self.kwargs:
+            return int(self.kwargs["num_heads"])
+        return _default_num_heads(self.model_name, json.dumps(self.kwargs, sort_keys=True))
+
+
+@functools.cache
+def _default_num_heads(model_name: str, kwargs_json: str) -> int:
+    with torch.device("meta"):  # structure only: no memory, no init
+        model = timm.create_model(model_name, pretrained=False, **json.loads(kwargs_json))
+    return model.blocks[0].attn.num_heads
+
 
 def build_vit(
     architecture: Architecture,
@@ -41,7 +60,7 @@ def build_vit(
 ) -> nn.Module:
     """A randomly initialised timm ViT (timm's own init) with the requested head."""
     if head not in HEADS:
-        raise ValueError(f"unknown head {head!r}; expected one of {HEADS}")
+        raise ConfigError(f"unknown head {head!r}; expected one of {HEADS}")
     model = timm.create_model(
         architecture.model_name,
         pretrained=False,
@@ -70,7 +89,7 @@ def initialize_weights(model: nn.Module, scheme: str) -> None:
     biases 0.01); `xavier_uniform` the classic alternative. LayerNorms, class token and position embedding
     keep timm's init under every scheme."""
     if scheme not in INIT_SCHEMES:
-        raise ValueError(f"unknown init scheme {scheme!r}; expected one of {INIT_SCHEMES}")
+        raise ConfigError(f"unknown init scheme {scheme!r}; expected one of {INIT_SCHEMES}")
     if scheme != "timm":
         init_linear_layers(model, scheme)
 
@@ -94,7 +113,7 @@ def init_linear_layers(module: nn.Module, scheme: str) -> None:
             nn.init.xavier_uniform_(layer.weight)
             bias_value = 0.0
         else:
-            raise ValueError(f"unknown init scheme {scheme!r}; expected one of {INIT_SCHEMES}")
+            raise ConfigError(f"unknown init scheme {scheme!r}; expected one of {INIT_SCHEMES}")
         if layer.bias is not None:
             nn.init.constant_(layer.bias, bias_value)
 
@@ -103,13 +122,13 @@ def select_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device={device} asked for but CUDA is not available")
+        raise ConfigError(f"device={device} asked for but CUDA is not available")
     return torch.device(device)
 
 
 def check_precision(precision: str) -> None:
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
+        raise ConfigError(f"precision must be fp32 or bf16, got {precision!r}")
 
 
 def autocast(device: torch.device, precision: str):

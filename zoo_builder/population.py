@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad_and_value, vmap
 
+from vitzoo.errors import ConfigError
 from vitzoo.zoo_builder.augment import affine_params, augment, epoch_generator
 from vitzoo.zoo_builder.blueprint import Factors
 from vitzoo.zoo_builder.data import info as dataset_info
@@ -87,7 +88,7 @@ class PopulationTrainer:
         data_root: str | None = None,
     ):
         if mode not in ("vmap", "loop"):
-            raise ValueError(f"mode must be vmap or loop, got {mode!r}")
+            raise ConfigError(f"mode must be vmap or loop, got {mode!r}")
         check_precision(precision)
         keys = {stack_key(f) for f in factors}
         if len(keys) != 1:
@@ -162,7 +163,7 @@ class PopulationTrainer:
         b = self.shared.batch_size
         steps = n // b
         if steps == 0:
-            raise ValueError(f"batch_size {b} exceeds the {n} training images of {self.shared.dataset}")
+            raise ConfigError(f"batch_size {b} exceeds the {n} training images of {self.shared.dataset}")
         orders, thetas, thetas2 = [], [], []
         for f in self.factors:
             orders.append(torch.randperm(n, generator=epoch_generator(f.seed, epoch, 0))[: steps * b].view(steps, b))
