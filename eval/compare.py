@@ -21,8 +21,9 @@ import torch
 from vitzoo.eval.baselines import gaussian, noise_around, random_init
 from vitzoo.eval.evaluation import evaluate
 from vitzoo.eval.finetune import FinetuneRecipe, finetune_curves
-from vitzoo.eval.novelty import NoveltyReference, summarize
+from vitzoo.eval.novelty import COPY_RATIO, NoveltyReference, summarize
 from vitzoo.zoo_builder.data import load_split
+from vitzoo.zoo_builder.families import family_starts
 from vitzoo.zoo_builder.zoo import Zoo, atomic_write_json, code_version
 
 ZOO, RANDOM, GAUSSIAN, NOISE = "zoo", "random init", "gaussian", "zoo + noise"
@@ -75,8 +76,9 @@ def compare(
     run(list(populations))
     zoo_ok = [m for m in populations[ZOO] if m["error"] is None]
     novelty = NoveltyReference(
-        [m["state_dict"] for m in zoo_ok], torch.stack([m["predictions"] for m in zoo_ok]), labels, num_heads, align
-    )
+        [m["state_dict"] for m in zoo_ok], torch.stack([m["predictions"] for m in zoo_ok]), labels, num_heads, align,
+        families=family_starts(reference, [m["entry"] for m in zoo_ok]),
+    )  # fmt: skip
     for member, row in zip(zoo_ok, novelty.rows):
         member["novelty"] = row | {"nearest": zoo_ok[row["nearest"]]["name"]}
     sampled = [name for name in populations if name != ZOO]
@@ -101,7 +103,8 @@ def compare(
         "split": split,
         "seed": seed,
         "metric": novelty.metric,
-        "copy_threshold": novelty.copy_threshold,
+        "copy_ratio": COPY_RATIO,
+        "spans": novelty.spans is not None,
         "finetune": None if finetune is None else vars(finetune),
         "code_version": code_version(),
         "seconds": time.perf_counter() - started,
@@ -135,6 +138,7 @@ def _members(zoo: Zoo, population: str | None) -> list[dict]:
             "name": f"{entry.model_id}@{entry.epoch}" if population == ZOO else entry.model_id,
             "state_dict": state_dict,
             "head": entry.head,
+            "entry": entry,
             "load_error": problem,
         })  # fmt: skip
     return members
@@ -192,8 +196,10 @@ def _summary_row(name: str, members: list[dict], seconds: float | None) -> dict:
         "copies": novelty.get("copies"),
         "median_nn_distance": novelty.get("median_aligned_distance") or novelty.get("median_distance"),
         "median_raw_distance": novelty.get("median_distance"),
+        "median_relative_distance": novelty.get("median_relative_distance"),
         "median_agreement": novelty.get("median_agreement"),
         "median_error_iou": novelty.get("median_error_iou"),
+        "median_span_distance": novelty.get("median_span_distance"),
         "seconds": seconds,
     }
     curves = [m["finetune"] for m in members if m.get("finetune")]
@@ -203,7 +209,7 @@ def _summary_row(name: str, members: list[dict], seconds: float | None) -> dict:
 
 
 def _public(member: dict) -> dict:
-    return {k: v for k, v in member.items() if k not in ("state_dict", "predictions", "load_error")}
+    return {k: v for k, v in member.items() if k not in ("state_dict", "predictions", "entry", "load_error")}
 
 
 # --------------------------------------------------------------------------------------------- report
@@ -216,8 +222,10 @@ COLUMNS = [
     ("max_acc", "max", "{:.3f}"),
     ("copies", "copies", "{:.0%}"),
     ("median_nn_distance", "median NN dist", "{:.2f}"),
+    ("median_relative_distance", "NN dist / NN's own", "{:.2f}"),
     ("median_agreement", "agreement w/ NN", "{:.3f}"),
     ("median_error_iou", "error IoU w/ NN", "{:.3f}"),
+    ("median_span_distance", "span dist", "{:.2f}"),
 ]
 
 
@@ -251,11 +259,16 @@ def write_comparison(comparison: dict, out: Path, config: dict | None = None) ->
         "",
         f"Distances: L2 over the flattened weights every zoo model shares, {metric} "
         f"({'after permuting heads and MLP units to the nearest model' if metric == 'aligned' else 'no alignment'}"
-        f"). NN: the nearest zoo model (for zoo models: the nearest other one). A copy lies closer to a zoo "
-        f"model than the closest two zoo models ({comparison['copy_threshold']:.3f}). Agreement: share of "
-        f"{comparison['split']} examples with the same prediction as the NN; error IoU: overlap of their "
-        f"misclassified examples. Baselines: random init (timm), per-parameter Gaussian fitted to the zoo, "
-        f"and each sample's NN plus isotropic noise at the sample's own NN distance.",
+        f"). NN: the nearest zoo model (for zoo models: the nearest other one). NN dist / NN's own: the distance "
+        f"to a zoo model over that model's distance to its own nearest neighbour (minimum over zoo models; >= 1 "
+        f"for the zoo itself). A copy lies below {comparison['copy_ratio']} of that scale from a zoo model and "
+        f"agrees with it at least as much as that model agrees with its own nearest neighbour. Agreement: share "
+        f"of {comparison['split']} examples with the same prediction as the NN; error IoU: overlap of their "
+        f"misclassified examples. Span dist: distance to the nearest family's affine span (its start plus any "
+        f"combination of its runs' deltas; for zoo runs: the span of their family's other runs)"
+        f"{'' if comparison['spans'] else ', not available (a family start is unknown)'}. Baselines: random "
+        f"init (timm), per-parameter Gaussian fitted to the zoo, and each sample's NN plus isotropic noise at "
+        f"the sample's own NN distance.",
         "",
         "![accuracy](accuracy.png)",
         "",
@@ -300,13 +313,13 @@ def _plots(comparison: dict, out: Path) -> None:
 
     figure, axis = plt.subplots(figsize=(7, 4))
     for name in names:
-        points = [(m["novelty"]["aligned_distance"] or m["novelty"]["distance"], m["accuracy"])
+        points = [(m["novelty"]["relative_distance"], m["accuracy"])
                   for m in by_population[name] if m.get("novelty") and m.get("accuracy") is not None]  # fmt: skip
         if points:
             axis.scatter(*zip(*points), s=12, alpha=0.7, label=name)
-    axis.axvline(comparison["copy_threshold"], color="k", linestyle=":", linewidth=1, label="copy threshold")
+    axis.axvline(comparison["copy_ratio"], color="k", linestyle=":", linewidth=1, label="copy scale")
     axis.set_xscale("log")
-    axis.set_xlabel(f"distance to the nearest zoo model ({comparison['metric']})")
+    axis.set_xlabel(f"distance to a zoo model / its distance to its nearest neighbour ({comparison['metric']})")
     axis.set_ylabel(f"{comparison['split']} accuracy")
     axis.legend(fontsize=8)
     figure.tight_layout()

@@ -28,53 +28,12 @@ import torch
 from vitzoo.tokenizer.normalize import Normalizer
 from vitzoo.tokenizer.spec import TokenSpec
 from vitzoo.tokenizer.tokens import detokenize, tokenize_batch
-from vitzoo.zoo_builder.blueprint import Factors, Run
-from vitzoo.zoo_builder.build import initial_state
+from vitzoo.zoo_builder.families import family_key, family_start, parent_states
 from vitzoo.zoo_builder.models import HEADS as MODEL_HEADS
-from vitzoo.zoo_builder.zoo import BUNDLED, Zoo, ZooEntry
+from vitzoo.zoo_builder.zoo import BUNDLED, Zoo
 
 StateDict = dict[str, torch.Tensor]
 TOKEN_WIDTH = 25  # the bundled ViT's rows (24 weights + bias) fit one token exactly
-
-
-def family_key(factors: dict, parent_id: str) -> tuple:
-    """Models with equal keys start from identical weights."""
-    return (parent_id, factors["head"], factors["head_hidden"], factors["seed"], factors["init"])
-
-
-def family_start(zoo: Zoo, entry: ZooEntry, parents: dict[str, StateDict]) -> StateDict:
-    """The exact weights a fine-tune started from. When the zoo kept the run's epoch-0 checkpoint (its
-    initialisation; imported zoos do), that is it. Otherwise the zoo builder's own draw is rebuilt: the
-    parent's body with the head the run's seed drew. An imported run without epoch 0 has no known start."""
-    initial = zoo.filter(model_id=entry.model_id, epoch=0)
-    if len(initial):
-        return initial[0].state_dict()
-    if "source" in zoo.records[entry.model_id]:  # imported: its head was drawn by someone else's code
-        raise ValueError(
-            f"{entry.model_id} was imported without its initialisation (checkpoint_0), so the weights its "
-            "fine-tuning started from are unknown; generators model fine-tunes as deltas from that start"
-        )
-    run = Run(entry.model_id, "finetune", Factors(**entry.factors), entry.parent_id)
-    return initial_state(run, entry.architecture, parents[entry.parent_id])
-
-
-def parent_states(zoo: Zoo, fine_tunes) -> dict[str, StateDict]:
-    """The weights each listed fine-tune's parent had when fine-tuning started: its checkpoint at the
-    recorded `parent_epoch`, else its last one (one epoch per parent: the families assume it)."""
-    epochs: dict[str, int | str] = {}
-    for entry in fine_tunes:
-        epoch = zoo.records[entry.model_id].get("parent_epoch", "last")
-        if epochs.setdefault(entry.parent_id, epoch) != epoch:
-            raise ValueError(
-                f"fine-tunes of {entry.parent_id} start from different epochs of it: {epochs[entry.parent_id]}, {epoch}"
-            )
-    states = {}
-    for parent_id, epoch in epochs.items():
-        found = zoo.filter(model_id=parent_id, epoch=epoch)
-        if not len(found):
-            raise ValueError(f"the parent {parent_id} has no checkpoint at epoch {epoch}")
-        states[parent_id] = found[0].state_dict()
-    return states
 
 
 @dataclass

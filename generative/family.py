@@ -18,7 +18,8 @@ from collections import OrderedDict
 
 import torch
 
-from vitzoo.generative.data import HEADS, family_key, family_start, parent_states
+from vitzoo.generative.data import HEADS
+from vitzoo.zoo_builder.families import family_key, family_start, parent_states
 from vitzoo.zoo_builder.zoo import BUNDLED, Zoo, ZooEntry
 
 StateDict = dict[str, torch.Tensor]

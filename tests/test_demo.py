@@ -51,7 +51,8 @@ def test_summary_rows_pick_the_populations_and_the_fine_tuned_accuracy():
 
     def row(name, n, mean):
         return {"population": name, "n": n, "mean_acc": mean, "median_acc": mean, "max_acc": mean, "copies": 0.0,
-                "median_nn_distance": 1.0, "seconds": 2.0}  # fmt: skip
+                "median_nn_distance": 1.0, "median_relative_distance": 1.5, "median_agreement": 0.9,
+                "median_span_distance": 0.5, "seconds": 2.0}  # fmt: skip
 
     comparison = {
         "rows": [row("zoo", 3, 0.8), row("diffusion", 2, 0.7), row("diffusion (conditioned)", 2, 0.6),

@@ -90,7 +90,7 @@ def test_report_of_a_zoo_with_two_datasets_keeps_predictions_per_dataset(tmp_pat
     from vitzoo.eval.report import write_evaluation
 
     zoo = Zoo.open("bundled")
-    parents = zoo.filter(stage="pretrain", epoch="last")
+    parents = zoo.filter(stage="pretrain", epoch="last", objective="supervised")
     children = zoo.filter(stage="finetune", epoch="last", seed=42, lr=3e-3, optimizer="adamw", head="linear")
     mixed = Zoo(zoo.root, zoo.meta, zoo.records, [parents[0], parents[1], children[0]])
     write_evaluation(mixed, None, "test", tmp_path, config={}, progress=False)

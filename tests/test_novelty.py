@@ -10,9 +10,19 @@ from vitzoo.eval.baselines import gaussian, noise_around, random_init
 from vitzoo.eval.compare import compare
 from vitzoo.eval.evaluation import evaluate
 from vitzoo.eval.finetune import FinetuneRecipe, finetune_curves
-from vitzoo.eval.novelty import NoveltyReference, agreement, error_iou, shared_keys, weight_distances
+from vitzoo.eval.novelty import (
+    COPY_RATIO,
+    NoveltyReference,
+    agreement,
+    error_iou,
+    shared_keys,
+    summarize,
+    weight_distances,
+)
 from vitzoo.tokenizer.symmetries import align_to, permutable_layers, random_permutation
 from vitzoo.zoo_builder import Zoo
+from vitzoo.zoo_builder.data import load_split
+from vitzoo.zoo_builder.families import family_starts
 from vitzoo.zoo_builder.zoo import ZooError, write_sampled
 
 
@@ -45,11 +55,70 @@ def test_permuted_copy_is_flagged_and_a_new_model_is_not(fine_tunes):
     rows = reference.against([copy, other_parent])
     assert rows[0]["nearest"] == 4 and rows[0]["copy"] and rows[0]["aligned_distance"] < 1e-6
     assert rows[0]["distance"] > 1.0  # the raw distance does not see through the permutation
-    assert not rows[1]["copy"] and rows[1]["aligned_distance"] >= reference.copy_threshold
-    off_diagonal = [r["aligned_distance"] for r in reference.rows]
-    assert reference.copy_threshold == pytest.approx(min(off_diagonal))
+    assert not rows[1]["copy"] and rows[1]["relative_distance"] >= COPY_RATIO
+    assert min(r["relative_distance"] for r in reference.rows) >= 1.0  # zoo models against each other
     raw_only = NoveltyReference(fine_tunes[:10], align=False)
     assert not raw_only.against([copy])[0]["copy"]
+
+
+@pytest.fixture(scope="module")
+def linear_zoo():
+    """The bundled zoo's linear-head fine-tunes (last epoch), their test predictions and their families."""
+    zoo = Zoo.open("bundled")
+    view = zoo.filter(stage="finetune", epoch="last", head="linear")
+    entries = list(view)
+    state_dicts = [e.state_dict() for e in entries]
+    results = evaluate([(str(i), sd) for i, sd in enumerate(state_dicts)], "digits", "test", num_heads=2)
+    _, labels = load_split("digits", "test")
+    families = family_starts(view, entries)
+    return entries, state_dicts, torch.stack([r.predictions for r in results]), labels, families
+
+
+def predictions_of(state_dicts):
+    return torch.stack([r.predictions for r in evaluate([(str(i), sd) for i, sd in enumerate(state_dicts)],
+                                                         "digits", "test", num_heads=2)])  # fmt: skip
+
+
+def test_copies_are_judged_at_each_zoo_models_own_scale(linear_zoo):
+    """Both ways: a zoo model plus noise at 10% of its nearest-neighbour distance is a copy; the family start (an
+    untrained head, 0.3-0.44 of a small-learning-rate run's scale away from it) and a run of another condition
+    held out of the reference are not."""
+    entries, state_dicts, predictions, labels, families = linear_zoo
+    held_out = next(i for i, e in enumerate(entries) if e.factors["optimizer"] == "adamw" and e.factors["lr"] == 3e-3)
+    kept = [i for i in range(len(entries)) if i != held_out]
+    reference = NoveltyReference([state_dicts[i] for i in kept], predictions[kept], labels, num_heads=2, align=False)
+    slow = [i for i, e in enumerate(entries) if e.factors["optimizer"] == "sgd" and e.factors["lr"] == 1e-4][:3]
+    scale = {i: reference.scale[kept.index(i)].item() for i in slow}
+    noisy = noise_around([state_dicts[i] for i in slow], [0.1 * scale[i] for i in slow], reference.keys, seed=0)
+    starts = [start for start, members in families if any(m in slow for m in members)]
+    candidates = [*noisy, *starts, state_dicts[held_out]]
+    rows = reference.against(candidates, predictions_of(candidates))
+    assert [r["copy"] for r in rows] == [True] * len(noisy) + [False] * len(starts) + [False]
+    assert all(r["relative_distance"] == pytest.approx(0.1, rel=1e-6) for r in rows[: len(noisy)])
+    # the starts are close in weight space (a slow run barely moves), but predict at chance where the runs do not
+    assert all(COPY_RATIO * 0.5 < r["relative_distance"] < 1 for r in rows[len(noisy) : -1])
+    assert all(r["agreement"] < 0.5 for r in rows[len(noisy) : -1])
+    assert summarize(rows)["copies"] == pytest.approx(len(noisy) / len(rows))
+
+
+def test_span_novelty_sees_mixtures_of_a_family_and_new_runs(linear_zoo):
+    entries, state_dicts, _, _, families = linear_zoo
+    reference = NoveltyReference(state_dicts, num_heads=2, align=False, families=families)
+    start, members = families[0]
+    weights = torch.tensor([0.5, 0.2, 0.1, 0.1, 0.05, 0.05], dtype=torch.float64)[: len(members)]
+    mixture = {k: (v.double() + sum(w * (state_dicts[m][k].double() - v.double()) for w, m in zip(weights, members)))
+               .float() for k, v in start.items()}  # fmt: skip
+    rows = reference.against([mixture, start, state_dicts[members[0]]])
+    assert max(r["span_distance"] for r in rows) < 1e-3  # a merge of the family, its start, its own run
+    loo = [r["span_distance"] for r in reference.rows]
+    assert all(d is not None and d > 0.1 for d in loo)  # a run is not a mix of its family's other runs
+    # the leave-one-out distance is exactly the distance to the span of the family's other runs
+    j = members[0]
+    others = NoveltyReference(
+        [state_dicts[i] for i in range(len(entries)) if i != j], num_heads=2, align=False,
+        families=[(start, [i - (i > j) for i in members if i != j])],
+    )  # fmt: skip
+    assert others.against([state_dicts[j]])[0]["span_distance"] == pytest.approx(loo[j], rel=1e-6)
 
 
 def test_agreement_and_error_iou_count_by_hand():

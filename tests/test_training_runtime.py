@@ -14,7 +14,13 @@ from vitzoo.generative.autoencoder import AutoencoderConfig, HyperAutoencoder
 from vitzoo.generative.checkpoint import read_checkpoint
 from vitzoo.generative.diffusion import DiffusionConfig
 from vitzoo.generative.generator import train_generator
-from vitzoo.generative.hyper import AutoencoderObjective, augmented_views, embedding_rows, load_autoencoder, train_autoencoder
+from vitzoo.generative.hyper import (
+    AutoencoderObjective,
+    augmented_views,
+    embedding_rows,
+    load_autoencoder,
+    train_autoencoder,
+)
 from vitzoo.generative.runtime import Runtime, close_runtime, start_runtime
 from vitzoo.tokenizer.symmetries import permutable_layers
 from vitzoo.tokenizer.tokens import detokenize

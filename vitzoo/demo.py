@@ -241,10 +241,15 @@ STAGE_FUNCTIONS = {
 }
 
 COLUMN_NOTES = """\
-n: models; mean/median/max: test accuracy; copies: share closer to a zoo model than the closest two zoo models are \
-to each other (weights compared after aligning heads and MLP units); NN distance: median L2 distance to the nearest \
-zoo model (for the zoo: to the nearest other one); time: seconds to generate and evaluate the population in this \
-run (the zoo row: evaluating it)."""
+n: models; mean/median/max: test accuracy; copies: share within half a zoo model's own nearest-neighbour distance \
+of it and agreeing with it at least as much as its nearest neighbour does (measured, never filtered); NN distance: \
+median L2 distance to the nearest zoo model after aligning heads and MLP units (for the zoo: to the nearest other \
+one); NN/own: that distance over the zoo model's own nearest-neighbour distance (>= 1 within the zoo); agreement: \
+median share of test predictions equal to the nearest zoo model's; span: median distance to the nearest family's \
+affine span w0 + span{delta_k} (for the zoo: each run to the span of its family's other runs; 0 for a merge of a \
+family's runs); time: seconds to generate and evaluate the population in this run (the zoo row: evaluating it)."""
+
+NOVELTY = ("copies", "median_nn_distance", "median_relative_distance", "median_agreement", "median_span_distance")
 
 
 def summary_rows(comparison: dict, seconds: dict) -> list[dict]:
@@ -269,7 +274,7 @@ def summary_rows(comparison: dict, seconds: dict) -> list[dict]:
             "population": f"sampled after {len(tuned[0]) - 1} epoch fine-tuning",
             "n": len(accuracies), "mean_acc": statistics.mean(accuracies),
             "median_acc": statistics.median(accuracies), "max_acc": max(accuracies),
-            "copies": None, "median_nn_distance": None, "seconds": None,
+            **dict.fromkeys(NOVELTY), "seconds": None,
         })  # fmt: skip
     if conditioned:
         rows.append(_row("conditioned samples", by_name[conditioned], conditioned, seconds))
@@ -284,22 +289,25 @@ def _row(label: str, row: dict, name: str, seconds: dict) -> dict:
         "mean_acc": row["mean_acc"],
         "median_acc": row["median_acc"],
         "max_acc": row["max_acc"],
-        "copies": row["copies"],
-        "median_nn_distance": row["median_nn_distance"],
+        **{key: row[key] for key in NOVELTY},
         "seconds": (row["seconds"] or 0) + extra,
     }
 
 
 def table(rows: list[dict]) -> list[str]:
-    header = "| population | n | mean acc | median | max | copies | NN distance | time (s) |"
-    lines = [header, "|---|---|---|---|---|---|---|---|"]
+    header = (
+        "| population | n | mean acc | median | max | copies | NN distance | NN/own | agreement | span | time (s) |"
+    )
+    lines = [header, "|" + "---|" * 11]
     for r in rows:
         cells = [
             r["population"],
             str(r["n"]),
             *[f"{r[k]:.3f}" if r[k] is not None else "" for k in ("mean_acc", "median_acc", "max_acc")],
             f"{r['copies']:.0%}" if r["copies"] is not None else "",
-            f"{r['median_nn_distance']:.2f}" if r["median_nn_distance"] is not None else "",
+            *[f"{r[k]:.2f}" if r.get(k) is not None else "" for k in NOVELTY[1:3]],
+            f"{r['median_agreement']:.3f}" if r.get("median_agreement") is not None else "",
+            f"{r['median_span_distance']:.2f}" if r.get("median_span_distance") is not None else "",
             f"{r['seconds']:.0f}" if r["seconds"] is not None else "",
         ]
         lines.append("| " + " | ".join(cells) + " |")
