@@ -259,14 +259,14 @@ def load_generator(path: str | Path, zoo: str | None = None) -> Generator:
     recorded = require(metadata, "basis", dict, path)
     for key in ("zoo", "head"):
         require(recorded, key, str, path)
+    stats = require(metadata, "stats", dict, path)
+    check_stats(stats, len(require(recorded, "slots", list, path)), path)  # before the (slow) basis is rebuilt
     basis = FamilyBasis(Zoo.open(zoo or recorded["zoo"]), recorded["head"])
     if basis.describe() | {"zoo": recorded["zoo"]} != recorded:
         raise ZooError(
             f"{path} was trained on other runs than {zoo or recorded['zoo']} holds now (families, slots, or "
             "checkpoint sha256 differ); retrain it on this zoo"
         )
-    stats = require(metadata, "stats", dict, path)
-    check_stats(stats, basis.num_slots, path)
     model = CoordinateDenoiser(basis.num_slots, basis.num_families, config)
     load_weights(model, weights, path)
     model.eval()
@@ -289,7 +289,7 @@ def check_stats(stats: dict, slots: int, path: Path) -> None:
             low = 0 if name == "coordinate_std" else None
             check_number(f"{path}: stats.{name}[]", value, float, low, None, True, error=CheckpointError)
     for name in ("accuracy_min", "accuracy_mean", "accuracy_max"):
-        check_number(f"{path}: stats.{name}", stats[name], float, 0, 1, error=CheckpointError)
+        check_number(f"{path}: stats.{name}", stats[name], float, error=CheckpointError)
     if not stats["accuracy_min"] <= stats["accuracy_mean"] <= stats["accuracy_max"]:
         raise CheckpointError(f"{path}: stats must have accuracy_min <= accuracy_mean <= accuracy_max")
     check_number(f"{path}: stats.accuracy_std", stats["accuracy_std"], float, 0, None, True, error=CheckpointError)

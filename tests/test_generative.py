@@ -287,3 +287,73 @@ def test_an_autoencoder_over_both_head_types_embeds_bodies_and_probes_head_type(
     assert 0.0 <= rows["head type"]["embedding"] <= 1.0 and rows["head type"]["weight_statistics"] > 0.6  # chance: 0.5
     with pytest.raises(ConditionError, match="bodies of both head types"):
         sample_kde(bundle, 2)
+
+
+def test_training_set_leaves_out_what_could_not_be_evaluated(basis):
+    from vitzoo.generative.generator import training_set
+
+    calls = []
+
+    def measure(state_dicts):  # every third model cannot be evaluated
+        calls.append(len(state_dicts))
+        return [None if i % 3 == 0 else 0.5 for i in range(len(state_dicts))]
+
+    config = DiffusionConfig(d_model=16, depth=1, heads=2, mixtures=12, steps=1, batch_size=16)
+    data = training_set(basis, config, measure)
+    runs = basis.num_families * basis.num_slots
+    assert calls == [12] and data.unmeasured == 4  # mixtures 0, 3, 6, 9
+    assert len(data.accuracy) == runs + 8 and not data.accuracy.isnan().any()
+    assert not (data.accuracy == 0).any()  # a failed evaluation is never a label
+
+
+def test_measure_on_reports_a_model_it_cannot_evaluate_as_none():
+    from vitzoo.cli import measure_on
+
+    zoo = Zoo.open("bundled")
+    good = zoo.filter(stage="finetune", epoch="last")[0].state_dict()
+    broken = {k: torch.full_like(v, float("nan")) for k, v in good.items()}
+    accuracies = measure_on(zoo.dataset, "val", zoo.architecture.num_heads, None)([good, broken])
+    assert 0 < accuracies[0] <= 1 and accuracies[1] is None
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("timesteps", 2e9), ("timesteps", 0), ("steps", 0), ("lr", 0), ("ema", 1.0), ("condition_dropout", -0.1),
+     ("schedule", "cosine"), ("d_model", 15), ("batch_size", True)],
+)  # fmt: skip
+def test_diffusion_config_refuses_bad_fields(field, value):
+    from vitzoo.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=field):
+        DiffusionConfig(**{field: value})
+
+
+@pytest.mark.parametrize("field, value", [("steps", 0), ("temperature", 0), ("mask_fraction", 1.0), ("heads", 3)])
+def test_autoencoder_config_refuses_bad_fields(field, value):
+    from vitzoo.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=field):
+        AutoencoderConfig(**{field: value})
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda m: m["config"].update(timesteps=2e9), "timesteps must be an integer"),
+        (lambda m: m["config"].pop("steps"), "config lacks steps"),
+        (lambda m: m["config"].update(colour="red"), "unknown field"),
+        (lambda m: m["stats"].update(copy_threshold=0), "copy_threshold must be a number > 0"),
+        (lambda m: m["stats"].pop("accuracy_std"), "stats must hold exactly"),
+        (lambda m: m["stats"].update(coordinate_mean=[0.1]), "coordinate_mean must list"),
+        (lambda m: m.pop("basis"), "lacks 'basis'"),
+    ],
+)
+def test_generator_checkpoint_metadata_is_checked_on_load(tmp_path, edit, message):
+    from vitzoo.generative.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
+    from vitzoo.generative.generator import BUNDLED_GENERATOR
+
+    weights, metadata = read_checkpoint(BUNDLED_GENERATOR)
+    edit(metadata)
+    write_checkpoint(tmp_path / "generator.safetensors", weights, metadata)
+    with pytest.raises(CheckpointError, match=message):
+        load_generator(tmp_path / "generator.safetensors")
