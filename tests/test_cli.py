@@ -194,3 +194,83 @@ def test_wandb_logger_logs_report_tables_and_plots(tmp_path):
         logger.finish()
     logged = offline_run_bytes(tmp_path)
     assert b"summary_table" in logged and b"accuracy_plot" in logged
+
+
+def one_line(result, command: str) -> str:
+    lines = result.stderr.strip().splitlines()
+    prefix = f"vitzoo {command}: error:" if command else "vitzoo: error:"
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith(prefix), result
+    return lines[0]
+
+
+def test_bad_inputs_of_every_kind_are_one_line_and_leave_nothing_behind(tmp_path):
+    assert one_line(run_cli("no_such_command", check=False), "").startswith("vitzoo: error: unknown command")
+    line = one_line(run_cli("sample", "bundled", "n=abc", f"out={tmp_path / 's'}", check=False), "sample")
+    assert "n:" in line and "Integer" in line
+    missing = tmp_path / "zoös" / "tiny(1)"  # parentheses and non-ASCII letters reach the command verbatim
+    line = one_line(run_cli("evaluate", str(missing), f"out={tmp_path / 'e'}", check=False), "evaluate")
+    assert str(missing) in line
+    assert not (tmp_path / "e").exists()  # no logs/ left by a failed run
+    (tmp_path / "file").write_text("mine")
+    for out, message in [(tmp_path / "file", "is a file"), (tmp_path / "file" / "x", "lies under the file"),
+                         (tmp_path / ("a" * 300), "longer than")]:  # fmt: skip
+        assert message in one_line(run_cli("soup", "bundled", f"out={out}", check=False), "soup")
+    assert (tmp_path / "file").read_text() == "mine"
+
+
+def test_an_existing_output_is_refused_before_any_work_unless_overwritten(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "report.md").write_text("an earlier report")
+    for command in ("evaluate", "analyze", "soup", "sample"):
+        line = one_line(run_cli(command, "bundled", f"out={out}", "n=1" if command == "sample" else "threads=1",
+                                check=False), command)  # fmt: skip
+        assert "already holds report.md" in line and "overwrite=true" in line
+    assert (out / "report.md").read_text() == "an earlier report" and sorted(p.name for p in out.iterdir()) == [
+        "report.md"
+    ]
+    line = one_line(run_cli("sample", "bundled", "n=1", f"out={out}", "overwrite=true", check=False), "sample")
+    assert "no vitzoo sample output" in line  # overwrite replaces only what the same command wrote
+    result = run_cli("soup", "bundled", "parent=nobody", f"out={out}", "overwrite=true", check=False)
+    assert "nobody" in one_line(result, "soup")  # replaced: the earlier report is gone, the new run failed on input
+    assert not (out / "report.md").exists()
+
+
+def test_verify_exits_2_on_a_zoo_it_cannot_open(tmp_path):
+    import shutil
+
+    bundled = Zoo.open("bundled").root
+    shutil.copy(bundled / "zoo.json", tmp_path / "zoo.json")
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "ft-x.json").write_text("{not json")
+    assert "ft-x.json" in one_line(run_cli("verify", str(tmp_path), check=False), "verify")
+
+
+def test_a_full_disk_is_one_line_and_a_bug_keeps_its_traceback(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from vitzoo import cli
+    from vitzoo.eval import soups
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "out" / "report.md"))
+
+    monkeypatch.setattr(soups, "write_soups", full_disk)
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["soup", "bundled", f"out={tmp_path / 'out'}"])
+    assert exited.value.code == 2
+    assert (
+        capsys.readouterr().err.strip()
+        == f"vitzoo soup: error: No space left on device: {tmp_path / 'out' / 'report.md'}"
+    )
+    assert not (tmp_path / "out").exists()
+
+    def bug(*args, **kwargs):
+        raise ValueError("a bug in our code")
+
+    monkeypatch.setattr(soups, "write_soups", bug)
+    with pytest.raises(BaseException) as crashed:  # Hydra prints the traceback and exits 1; no one-line error
+        cli.main(["soup", "bundled", f"out={tmp_path / 'out'}"])
+    err = capsys.readouterr().err
+    assert "error: a bug in our code" not in err and "ValueError" in err + repr(crashed.value)
+    assert not isinstance(crashed.value, SystemExit) or crashed.value.code != 2

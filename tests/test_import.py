@@ -339,3 +339,22 @@ def test_imported_checkpoints_tokenize_exactly(tiny_source, tmp_path):
         spec = TokenSpec.from_state_dict(state_dict, width=24, num_heads=zoo.architecture.num_heads)
         back = detokenize(tokenize(state_dict, spec).values, spec)
         assert all(torch.equal(back[k], v) for k, v in state_dict.items()), entry.model_id
+
+
+class Payload:
+    """A pickled object that would run code on load (here only `print`)."""
+
+    def __reduce__(self):
+        return print, ("this ran while loading",)
+
+
+def test_refusal_of_an_unsafe_pickle_names_the_global_and_never_suggests_disabling_the_check(tiny_source, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(tiny_source[0], src)
+    bad = src / PARENT / "ft_mlp_sgd" / "checkpoint_000002" / "checkpoints"
+    torch.save({"vit.cls_token": torch.zeros(1, 1, 24), "extra": Payload()}, bad)
+    with pytest.raises(ImportErrorBadInput) as refused:
+        import_vitmodelzoo(src, tmp_path / "zoo", progress=False)
+    message = str(refused.value)
+    assert str(bad) in message and "refused to unpickle the Python object print" in message
+    assert "weights_only" not in message and "safe_globals" not in message

@@ -55,7 +55,7 @@ def test_cli_soup_writes_report_results_and_plot(tmp_path):
     data = json.loads((out / "results.json").read_text())
     assert len(data["epoch_soups"]["3"]) == 12 and len(data["parent_soups"]) == 2
     assert (out / "gains.png").stat().st_size > 1000
-    failed = run_cli("soup", "bundled", "parent=nobody", f"out={out}", check=False)
+    failed = run_cli("soup", "bundled", "parent=nobody", f"out={tmp_path / 'other'}", check=False)
     assert failed.returncode == 2 and "nobody" in failed.stderr
 
 
@@ -89,9 +89,7 @@ def vit_s16_zoo(tmp_path):
     return Zoo(tmp_path, meta, records, entries)
 
 
-def test_soups_of_an_imported_vit_s16_zoo_use_timms_heads_and_leave_out_what_cannot_be_evaluated(
-    tmp_path, monkeypatch
-):
+def test_soups_of_an_imported_vit_s16_zoo_use_timms_heads_and_leave_out_what_cannot_be_evaluated(tmp_path, monkeypatch):
     import json
 
     from vitzoo.eval import soups
