@@ -45,7 +45,7 @@ def compare(
 ) -> dict:
     """Every population's per-model numbers and summary rows (see module docstring)."""
     dataset = dataset or samples.dataset
-    num_heads = reference.architecture.kwargs.get("num_heads")
+    num_heads = reference.architecture.num_heads
     _, labels = load_split(dataset, split, data_root)
     started = time.perf_counter()
     populations: dict[str, list[dict]] = {ZOO: _members(reference, ZOO)}

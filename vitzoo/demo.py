@@ -87,7 +87,7 @@ class Context:
 def _tokenize(cfg, zoo: Zoo, out: Path, context: Context) -> None:
     """Every fine-tune tokenized and detokenized again, one at a time (a ViT-S/16 zoo does not fit in memory)."""
     entries = list(zoo.filter(stage="finetune", epoch="last", head="linear"))
-    spec = TokenSpec.from_state_dict(entries[0].state_dict(), cfg.token_width, zoo.architecture.kwargs.get("num_heads"))
+    spec = TokenSpec.from_state_dict(entries[0].state_dict(), cfg.token_width, zoo.architecture.num_heads)
     for entry in entries:
         state_dict = entry.state_dict()
         back = detokenize(tokenize(state_dict, spec).values, spec)
