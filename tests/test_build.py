@@ -221,9 +221,15 @@ def test_kill_9_then_rerun_finishes_without_retraining(tmp_path):
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    finished_before = {p: p.stat().st_mtime_ns for p in out.rglob("*.safetensors") if "_state" not in p.parts}
+    # finished: the checkpoints the records list (a file written just before the kill but not yet recorded is
+    # written again, with the same bytes)
+    listed = [out / c["path"] for p in out.glob("runs/*.json") for c in json.loads(p.read_text())["checkpoints"]]
+    finished_before = {p: p.stat().st_mtime_ns for p in listed}
     assert finished_before, "the builder was killed before writing anything"
     assert not (out / "index.jsonl").exists()
+    with pytest.raises(ZooError, match="unfinished zoo.*runs not finished.*no index.jsonl"):
+        Zoo.open(out)  # a killed build is visibly incomplete, to evaluate and every other reader
+    assert any("unfinished zoo" in problem for problem in verify(out))
 
     assert _builder(blueprint_path, out).wait(timeout=300) == 0
     for path, mtime in finished_before.items():
@@ -244,6 +250,30 @@ def test_two_shards_into_one_directory_give_one_consistent_zoo(tmp_path):
     rows = [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines()]
     assert len(rows) == len(zoo) and {r["model_id"] for r in rows} == expected
     assert not verify(out)
+    reference = tmp_path / "unsharded"
+    assert _builder(blueprint_path, reference).wait(timeout=300) == 0
+    assert _checksums(out) == _checksums(reference), "shards give the unsharded zoo byte for byte (on the CPU)"
+
+
+@pytest.mark.parametrize("objective", ["supervised", "contrastive"])
+def test_a_model_trains_the_same_alone_or_in_any_population(objective):
+    """What makes shards equal the unsharded build: a population of 1, 2 or 3 gives model 0 the same bits."""
+    from vitzoo.zoo_builder.build import initial_state
+    from vitzoo.zoo_builder.population import PopulationTrainer
+
+    blueprint = blueprint_from_config(tiny_blueprint(pretrain={"objective": objective, "train_subset": 128}))
+    blueprint.pretrain.grid = [{"seed": [0, 1, 2]}]
+    runs = [run for run in expand(blueprint) if run.stage == "pretrain"]
+    architecture = blueprint.model_architecture
+    weights = []
+    for m in (1, 2, 3):
+        states = [initial_state(run, architecture, None) for run in runs[:m]]
+        trainer = PopulationTrainer([run.factors for run in runs[:m]], states, architecture, torch.device("cpu"))
+        trainer.train_epoch(1)
+        assert len(trainer.evaluate("val").values["val_acc"]) == m
+        weights.append(trainer.state_dicts()[0])
+    for other in weights[1:]:
+        assert all(torch.equal(weights[0][k], other[k]) for k in weights[0])
 
 
 def test_save_policy_keeps_last_epochs_and_more_for_chosen_seeds():

@@ -6,6 +6,12 @@ step with its own learning rate and weight decay. Each model has its own seed, d
 and label smoothing. `mode="loop"` trains the same models one by one with `nn.Module`s and
 `torch.optim` on exactly the same batches: the reference the population path is tested against.
 
+On the CPU a model's training does not depend on the population it sits in (tested bit for bit): vmap's
+batching rules give the same floats for every population size but one (a single model takes other kernels,
+e.g. for the patch convolution's weight gradient), so a population of one is trained beside an identical
+twin whose results are dropped. A sharded build therefore equals the unsharded one byte for byte on the CPU.
+Nothing here makes the same promise on a GPU, where matmul kernels are chosen by shape.
+
 Shapes: m models, b batch, k outputs, C/H/W image.
 """
 
@@ -96,6 +102,9 @@ class PopulationTrainer:
         self.factors = factors
         self.shared = factors[0]
         self.m = len(factors)
+        if mode == "vmap" and self.m == 1:  # see the module docstring: a lone model trains beside its twin
+            factors, init_states = factors * 2, init_states * 2
+        self.rows = len(factors)  # stacked models: m, or 2 for the twin
         self.device = device
         self.mode = mode
         self.precision = precision
@@ -128,7 +137,7 @@ class PopulationTrainer:
         self.smoothing = per_model("label_smoothing")
         self.temperature = per_model("temperature")
         self.augmented = torch.tensor([f.augment > 0 for f in factors])  # [m]: models whose images are transformed
-        self.active = torch.ones(self.m, dtype=torch.bool, device=device)
+        self.active = torch.ones(self.rows, dtype=torch.bool, device=device)
 
         if mode == "vmap":
             self.template = make_model()
@@ -165,14 +174,14 @@ class PopulationTrainer:
         if steps == 0:
             raise ConfigError(f"batch_size {b} exceeds the {n} training images of {self.shared.dataset}")
         orders, thetas, thetas2 = [], [], []
-        for f in self.factors:
+        for f in self.factors * (self.rows // self.m):
             orders.append(torch.randperm(n, generator=epoch_generator(f.seed, epoch, 0))[: steps * b].view(steps, b))
             thetas.append(affine_params(steps * b, f.augment, self.hflip, epoch_generator(f.seed, epoch, 1)))
             if self.contrastive:
                 thetas2.append(affine_params(steps * b, f.augment, self.hflip, epoch_generator(f.seed, epoch, 2)))
         order = torch.stack(orders)
-        theta = torch.stack(thetas).view(self.m, steps, b, 2, 3)
-        theta2 = torch.stack(thetas2).view(self.m, steps, b, 2, 3) if self.contrastive else None
+        theta = torch.stack(thetas).view(self.rows, steps, b, 2, 3)
+        theta2 = torch.stack(thetas2).view(self.rows, steps, b, 2, 3) if self.contrastive else None
         return steps, order, theta, theta2
 
     def _autocast(self):
@@ -208,8 +217,8 @@ class PopulationTrainer:
         """One epoch for every model; returns train loss and accuracy (averaged over the epoch's batches)."""
         images, labels = self.split("train")
         steps, order, theta, theta2 = self._epoch_plan(epoch, len(labels))
-        loss_sum = torch.zeros(self.m, device=self.device)
-        correct_sum = torch.zeros(self.m, device=self.device)
+        loss_sum = torch.zeros(self.rows, device=self.device)
+        correct_sum = torch.zeros(self.rows, device=self.device)
         for step in range(steps):
             x, y = self._batch(images, labels, order, theta, theta2, step)
             losses, correct = self._train_step(x, y)
@@ -220,7 +229,9 @@ class PopulationTrainer:
             if progress is not None:
                 progress.update(1)
         seen = steps * self.shared.batch_size * (2 if self.contrastive else 1)
-        return EpochMetrics({"train_loss": (loss_sum / steps).tolist(), "train_acc": (correct_sum / seen).tolist()})
+        return EpochMetrics(
+            {"train_loss": (loss_sum / steps)[: self.m].tolist(), "train_acc": (correct_sum / seen)[: self.m].tolist()}
+        )
 
     def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.mode == "vmap":
@@ -255,8 +266,8 @@ class PopulationTrainer:
         images, labels = self.split(split)
         n = len(labels)
         batch = self.shared.batch_size if self.contrastive else EVAL_BATCH
-        loss_sum = torch.zeros(self.m, device=self.device)
-        correct_sum = torch.zeros(self.m, device=self.device)
+        loss_sum = torch.zeros(self.rows, device=self.device)
+        correct_sum = torch.zeros(self.rows, device=self.device)
         counted = 0
         for start in range(0, n - (n % batch if self.contrastive else 0), batch):
             x, y = images[start : start + batch], labels[start : start + batch]
@@ -274,8 +285,8 @@ class PopulationTrainer:
         views = 2 if self.contrastive else 1
         return EpochMetrics(
             {
-                f"{split}_loss": (loss_sum / counted).tolist(),
-                f"{split}_acc": (correct_sum / (counted * views)).tolist(),
+                f"{split}_loss": (loss_sum / counted)[: self.m].tolist(),
+                f"{split}_acc": (correct_sum / (counted * views))[: self.m].tolist(),
             }
         )
 

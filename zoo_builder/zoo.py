@@ -429,7 +429,9 @@ class ZooWriter:
         if root.exists() and not root.is_dir():
             raise ZooError(f"output {root} exists and is not a directory")
         if root.exists() and any(root.iterdir()) and not (root / "zoo.json").exists():
-            entries = [p.name for p in root.iterdir() if p.name not in ("logs", "zoo.lock")]
+            # another builder of this zoo may be writing zoo.json (under the lock) right now
+            ours = ("logs", "zoo.lock")
+            entries = [p.name for p in root.iterdir() if p.name not in ours and not p.name.startswith(".tmp-zoo.json.")]
             if entries:
                 raise ZooError(f"output {root} is not empty and holds no zoo (found {entries[:3]}); not writing there")
         with locked(root / "zoo.lock"):
