@@ -16,11 +16,11 @@ import statistics
 
 import torch
 
-from vitzoo.eval.baselines import noise_around
 from vitzoo.eval.evaluation import evaluate
 from vitzoo.eval.novelty import shared_keys
 from vitzoo.generative.family import FamilyBasis
 from vitzoo.zoo_builder import Zoo
+from vitzoo.zoo_builder.baselines import noise_around
 
 
 def mean_accuracy(state_dicts: list[dict], num_heads: int) -> float:

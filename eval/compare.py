@@ -2,7 +2,7 @@
 
 `compare(samples, reference)` evaluates, on one split, the reference zoo's models, every sampling method found
 in the samples (`.factors["method"]`, e.g. diffusion, kde; conditioned draws form their own population) and
-the baselines of `eval.baselines` built for the same head structures (random init, per-parameter Gaussian, each
+the baselines of `zoo_builder.baselines` built for the same head structures (random init, per-parameter Gaussian, each
 sample's nearest zoo model plus noise at the sample's own distance); measures novelty (`eval.novelty`) of every
 population against the zoo; and, with a fine-tuning recipe, the accuracy after 0..E epochs of fine-tuning of
 samples, random init and zoo models.
@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from vitzoo.eval.baselines import gaussian, noise_around, random_init
 from vitzoo.eval.evaluation import evaluate
 from vitzoo.eval.finetune import FinetuneRecipe, finetune_curves
 from vitzoo.eval.novelty import COPY_RATIO, NoveltyReference, summarize
+from vitzoo.zoo_builder.baselines import gaussian, noise_around, random_init
 from vitzoo.zoo_builder.data import load_split
 from vitzoo.zoo_builder.families import family_starts
 from vitzoo.zoo_builder.zoo import Zoo, atomic_write_json, code_version

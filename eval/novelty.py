@@ -19,8 +19,8 @@ Three kinds of novelty, each beside the zoo's own value:
 
 A sample is a **copy** of a zoo model when it lies within `COPY_RATIO` of that model's nearest-neighbour
 distance *and*, when predictions are given, agrees with it at least as much as the model agrees with its own
-nearest neighbour: close in weight space and the same function. (A family start lies at 0.30-0.44 of the
-distance of a small-learning-rate run to its neighbour, yet predicts at chance where the run reaches 0.44.)
+nearest neighbour: close in weight space and the same function. (A family start lies well within the
+distance of a small-learning-rate run to its neighbour, yet predicts at chance where such runs average 0.44.)
 Pass one checkpoint per training model (e.g. the last epoch): two epochs of one run would shrink its
 nearest-neighbour distance to one epoch's step.
 
@@ -40,6 +40,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from vitzoo.tokenizer.symmetries import BlockLayers, head_features, permutable_layers, permuted_keys, unit_features
+from vitzoo.zoo_builder.zoo import ZooError
 
 StateDict = dict[str, torch.Tensor]
 COPY_RATIO = 0.5  # a copy lies closer to a zoo model than half that model's distance to its nearest neighbour
@@ -174,7 +175,7 @@ class NoveltyReference:
         families: list[tuple[StateDict, list[int]]] | None = None,
     ):
         if len(references) < 2:
-            raise ValueError("novelty needs at least two reference models (their spacing is the scale)")
+            raise ZooError("novelty needs at least two reference models (their spacing is the scale)")
         self.references = references
         self.predictions = predictions
         self.labels = labels
@@ -189,7 +190,7 @@ class NoveltyReference:
         self.scale = ranked.min(1).values  # [m] each model's distance to its nearest other model
         if (self.scale <= 0).any():
             twins = int((self.scale <= 0).sum())
-            raise ValueError(f"{twins} reference models have an identical twin: novelty needs distinct models")
+            raise ZooError(f"{twins} reference models have an identical twin: novelty needs distinct models")
         self.nearest_agreement = None  # [m] each model's agreement with its nearest other model
         if predictions is not None:
             self.nearest_agreement = (predictions == predictions[ranked.argmin(1)]).double().mean(1)
@@ -208,7 +209,7 @@ class NoveltyReference:
         for sd in samples:
             mismatched = [k for k in self.keys if k not in sd or sd[k].shape != self.references[0][k].shape]
             if mismatched:
-                raise ValueError(f"a sample lacks the zoo's tensors or their shapes: {mismatched[:3]}")
+                raise ZooError(f"a sample lacks the zoo's tensors or their shapes: {mismatched[:3]}")
         raw = weight_distances(samples, self.references, self.keys)
         aligned = weight_distances(samples, self.references, self.keys, self.layers) if self.layers else None
         rows = self._rows(raw, aligned, predictions)

@@ -42,7 +42,7 @@ class AutoencoderConfig:
     d_model: int = 64
     depth: int = 2  # blocks in the encoder and again in the decoder
     heads: int = 4
-    latent: int = 8  # k: per-token latent width
+    latent: int = 16  # k: per-token latent width
     embedding: int = 32  # e: model-level embedding width
     contrastive_weight: float = 0.05
     temperature: float = 0.1
@@ -52,7 +52,8 @@ class AutoencoderConfig:
     pooling: str = "moments"  # moments | mean: how token latents pool into the model embedding
     window: int = 0  # tokens per window; 0 = the whole sequence
     window_stride: int = 0  # whole-model encoding: a window starts every this many tokens (0 when window=0)
-    steps: int = 600
+    projections: str = "per_position"  # shared | per_position: token <-> model-width maps, one for all or per token
+    steps: int = 3000
     batch_size: int = 16
     lr: float = 1e-3
     ema: float = 0.99
@@ -80,6 +81,8 @@ class AutoencoderConfig:
             raise ConfigError(f"autoencoder d_model={self.d_model} must be a multiple of heads={self.heads}")
         if not isinstance(self.permute, bool):
             raise ConfigError(f"autoencoder permute must be true or false, got {self.permute!r}")
+        if self.projections not in ("shared", "per_position"):
+            raise ConfigError(f"projections must be shared or per_position, got {self.projections!r}")
         if self.pooling not in POOLINGS:
             raise ConfigError(f"pooling={self.pooling!r} is not one of {', '.join(POOLINGS)}")
         if not isinstance(self.window, int) or self.window < 0:
@@ -113,6 +116,31 @@ class PositionEmbedding(nn.Module):
         return sum(table(positions[..., i]) for i, table in enumerate(self.tables))
 
 
+class PositionwiseLinear(nn.Module):
+    """A separate linear map for every token position (G.pt's per-position projections): [..., n, i] -> [..., n, o].
+
+    A token position always holds the same slice of the same tensor, so each position may read and write its
+    values its own way; a shared map must serve every tensor at once."""
+
+    def __init__(self, positions: int, in_features: int, out_features: int):
+        super().__init__()
+        bound = in_features**-0.5  # nn.Linear's default initialisation, per position
+        self.weight = nn.Parameter(torch.empty(positions, in_features, out_features).uniform_(-bound, bound))
+        self.bias = nn.Parameter(torch.empty(positions, out_features).uniform_(-bound, bound))
+
+    def forward(self, x: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        """x [..., n, i]; `index` [n] or [B, n]: the positions of x's tokens (None: all of them, n = T)."""
+        weight, bias = (self.weight, self.bias) if index is None else (self.weight[index], self.bias[index])
+        return torch.einsum("...ni,...nio->...no", x, weight) + bias
+
+
+class SharedLinear(nn.Linear):
+    """One linear map for every token position, with PositionwiseLinear's signature."""
+
+    def forward(self, x: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        return super().forward(x)
+
+
 class HyperAutoencoder(nn.Module):
     def __init__(self, spec: TokenSpec, config: AutoencoderConfig):
         super().__init__()
@@ -122,7 +150,13 @@ class HyperAutoencoder(nn.Module):
         self.config = config
         self.register_buffer("value_mask", spec.mask().float(), persistent=False)  # [T, d]
         c = config
-        self.encoder_in = nn.Linear(spec.width, c.d_model)
+
+        def projection(in_features: int, out_features: int) -> nn.Module:
+            if c.projections == "per_position":
+                return PositionwiseLinear(spec.num_tokens, in_features, out_features)
+            return SharedLinear(in_features, out_features)
+
+        self.encoder_in = projection(spec.width, c.d_model)
         self.encoder_positions = PositionEmbedding(spec.positions(), c.d_model)
         self.encoder = nn.Sequential(*[Block(c.d_model, c.heads) for _ in range(c.depth)])
         self.encoder_norm = nn.LayerNorm(c.d_model)
@@ -132,7 +166,7 @@ class HyperAutoencoder(nn.Module):
         self.decoder_positions = PositionEmbedding(spec.positions(), c.d_model)
         self.decoder = nn.Sequential(*[Block(c.d_model, c.heads) for _ in range(c.depth)])
         self.decoder_norm = nn.LayerNorm(c.d_model)
-        self.to_values = nn.Linear(c.d_model, spec.width)
+        self.to_values = projection(c.d_model, spec.width)
 
     def mask(self, index: torch.Tensor | None = None) -> torch.Tensor:
         """Which values are real (1) or padding (0): [T, d], or [..., n, d] at `index` [..., n]."""
@@ -140,7 +174,7 @@ class HyperAutoencoder(nn.Module):
 
     def encode(self, tokens: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
         """[B, n, d] -> per-token latents [B, n, k]; `index` [n] or [B, n]: the tokens' positions (None: all T)."""
-        x = self.encoder_in(tokens) + self.encoder_positions(index)
+        x = self.encoder_in(tokens, index) + self.encoder_positions(index)
         return self.to_latent(self.encoder_norm(self.encoder(x)))
 
     def embed(self, latents: torch.Tensor) -> torch.Tensor:
@@ -154,7 +188,7 @@ class HyperAutoencoder(nn.Module):
     def decode(self, latents: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
         """Per-token latents [B, n, k] -> token values [B, n, d] (padding positions come out as 0)."""
         x = self.decoder_in(latents) + self.decoder_positions(index)
-        return self.to_values(self.decoder_norm(self.decoder(x))) * self.mask(index)
+        return self.to_values(self.decoder_norm(self.decoder(x)), index) * self.mask(index)
 
     def windows(self) -> torch.Tensor:
         """[W, n] the token positions of the windows that cover a whole model ([1, T] for window=0)."""

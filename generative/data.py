@@ -11,9 +11,13 @@ and add the family's w0 back on decoding.
 One head structure per set (token sequences must agree): `head="linear"` or `"mlp"`; `head="all"` holds the
 fine-tunes of both head types as the deltas of their bodies alone (every tensor but `head.*`), for embeddings
 and probes that compare head types (such a set decodes bodies, not whole models).
-Deltas are standardised per tensor over the zoo (`tokenizer.Normalizer`) and tokenized row-aligned
-(`tokenizer.TokenSpec`); `DeltaSet` holds them all in memory ([n, T, d] float32: a few MB for the bundled
-zoo).
+Deltas are standardised per tensor over the zoo (`tokenizer.Normalizer`), tokenized row-aligned
+(`tokenizer.TokenSpec`) and divided by their own scale: each checkpoint's RMS over its real token values
+(`DeltaSet.scales`). Fine-tuning deltas differ ~25x in size across learning rates (bundled zoo: RMS 0.09 to 2.1
+in standardised units), so an error that is small for a large delta swamps a small one; with each delta at unit
+scale, an error is relative to the model it belongs to (isotropic noise at 0.3x a model's own RMS keeps 0.98x
+of the zoo's test accuracy; `benchmarks/reconstruction.py`), and the scale is kept exactly beside the tokens.
+`DeltaSet` holds them all in memory ([n, T, d] float32: a few MB for the bundled zoo).
 
 Shapes: n checkpoints, T tokens, d token width, P position fields.
 """
@@ -25,12 +29,13 @@ from dataclasses import dataclass
 
 import torch
 
+from vitzoo.errors import ConfigError
 from vitzoo.tokenizer.normalize import Normalizer
 from vitzoo.tokenizer.spec import TokenSpec
 from vitzoo.tokenizer.tokens import detokenize, tokenize_batch
 from vitzoo.zoo_builder.families import family_key, family_start, parent_states
 from vitzoo.zoo_builder.models import HEADS as MODEL_HEADS
-from vitzoo.zoo_builder.zoo import BUNDLED, Zoo
+from vitzoo.zoo_builder.zoo import BUNDLED, Zoo, ZooError
 
 StateDict = dict[str, torch.Tensor]
 TOKEN_WIDTH = 25  # the bundled ViT's rows (24 weights + bias) fit one token exactly
@@ -63,16 +68,16 @@ class DeltaSet:
         self, zoo: Zoo, head: str = "linear", spec: TokenSpec | None = None, normalizer: Normalizer | None = None
     ):
         if head not in HEADS:
-            raise ValueError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
+            raise ConfigError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
         entries = list(zoo.filter(stage="finetune", status="done", **({} if head == "all" else {"head": head})))
         if len(entries) < 2:
-            raise ValueError(
+            raise ZooError(
                 f"{zoo.root} has {len(entries)} finished fine-tuned checkpoints with head={head}; generators need more"
             )
         self.head = head
         self.zoo_root = "bundled" if zoo.root == BUNDLED else str(zoo.root)
         self.architecture = zoo.architecture
-        self.num_heads = self.architecture.kwargs.get("num_heads")
+        self.num_heads = self.architecture.num_heads
         self.entries = entries
         parent_ids = sorted({e.parent_id for e in entries})
         self.parents = parent_ids
@@ -104,15 +109,17 @@ class DeltaSet:
         self.spec = spec or TokenSpec.from_state_dict(deltas[0], TOKEN_WIDTH, self.num_heads)
         self.normalizer = normalizer or Normalizer.fit(deltas)
         normalized = [{k: v.float() for k, v in self.normalizer.normalize(d).items()} for d in deltas]
-        self.tokens = tokenize_batch(normalized, self.spec).values.float()  # [n, T, d]
         self.positions = self.spec.positions()  # [T, P]
         self.mask = self.spec.mask()  # [T, d]
+        values = tokenize_batch(normalized, self.spec).values.float()  # [n, T, d]
+        self.scales = ((values.pow(2) * self.mask).sum(dim=(1, 2)) / self.mask.sum()).sqrt()  # [n]
+        self.tokens = values / self.scales.clamp_min(1e-30)[:, None, None]  # [n, T, d], each at unit RMS
 
     def __len__(self) -> int:
         return len(self.entries)
 
-    def decode(self, tokens: torch.Tensor, family: int) -> StateDict:
-        """Weights from normalised delta tokens [T, d] and the family whose start they are added to (for
-        `head="all"`: the body's weights only)."""
-        delta = self.normalizer.denormalize(detokenize(tokens.double(), self.spec))
+    def decode(self, tokens: torch.Tensor, family: int, scale: float | torch.Tensor) -> StateDict:
+        """Weights from unit-scale delta tokens [T, d], the delta's scale and the family whose start they are
+        added to (for `head="all"`: the body's weights only)."""
+        delta = self.normalizer.denormalize(detokenize(tokens.double() * float(scale), self.spec))
         return {k: (self.inits[family][k].double() + delta[k].double()).float() for k in delta}

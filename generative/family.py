@@ -18,9 +18,10 @@ from collections import OrderedDict
 
 import torch
 
+from vitzoo.errors import ConfigError
 from vitzoo.generative.data import HEADS
 from vitzoo.zoo_builder.families import family_key, family_start, parent_states
-from vitzoo.zoo_builder.zoo import BUNDLED, Zoo, ZooEntry
+from vitzoo.zoo_builder.zoo import BUNDLED, Zoo, ZooEntry, ZooError
 
 StateDict = dict[str, torch.Tensor]
 FamilyWeights = tuple[StateDict, StateDict]  # (start, runs: tensors [K, *shape]), float32 as stored
@@ -33,11 +34,11 @@ def slot_of(factors: dict) -> tuple[str, float]:
 class FamilyBasis:
     def __init__(self, zoo: Zoo, head: str = "linear", cache_bytes: int = 4 * 2**30):
         if head not in HEADS:
-            raise ValueError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
+            raise ConfigError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
         wanted = {} if head == "all" else {"head": head}
         final = [e for e in zoo.filter(stage="finetune", status="done", epoch="last", **wanted)]
         if not final:
-            raise ValueError(f"{zoo.root} has no finished fine-tuned models with head={head}")
+            raise ZooError(f"{zoo.root} has no finished fine-tuned models with head={head}")
         self.zoo_root = "bundled" if zoo.root == BUNDLED else str(zoo.root)  # portable for the shipped generator
         self.head = head
         self.dataset = zoo.dataset
@@ -48,7 +49,7 @@ class FamilyBasis:
             grouped.setdefault(family_key(entry.factors, entry.parent_id), {})[slot_of(entry.factors)] = entry
         complete = {key: members for key, members in grouped.items() if len(members) == len(self.slots)}
         if not complete:
-            raise ValueError(f"no family of {zoo.root} ran every fine-tuning condition {self.slots}")
+            raise ZooError(f"no family of {zoo.root} ran every fine-tuning condition {self.slots}")
         self.skipped = len(grouped) - len(complete)
         self.families: list[tuple] = sorted(complete)
         self.members: list[list[ZooEntry]] = [[complete[key][slot] for slot in self.slots] for key in self.families]
@@ -140,7 +141,7 @@ def _check_same_start(zoo: Zoo, first: ZooEntry, member: ZooEntry, start: StateD
     zoo's epoch-0 checkpoints say it)."""
     initial = zoo.filter(model_id=member.model_id, epoch=0)
     if len(initial) and any(not torch.equal(v, start[k]) for k, v in initial[0].state_dict().items()):
-        raise ValueError(
+        raise ZooError(
             f"{first.model_id} and {member.model_id} share parent, head and seed but not their initial weights; "
             "the family bases need runs that started from the same weights"
         )

@@ -45,6 +45,7 @@ from vitzoo.generative.diffusion import (
 )
 from vitzoo.generative.family import FamilyBasis
 from vitzoo.generative.runtime import Runtime, StepClock
+from vitzoo.zoo_builder.baselines import gaussian, noise_around, random_init
 from vitzoo.zoo_builder.zoo import Zoo, ZooError
 
 FORMAT = "vitzoo-generator-1"
@@ -54,7 +55,7 @@ Measure = Callable[[list[StateDict]], list[float | None]]  # validation accuracy
 
 
 BASELINES = ("random", "gaussian", "noise")
-METHODS = ("diffusion", "mix", *BASELINES)
+METHODS = ("mix", "pick", "diffusion", *BASELINES)
 
 
 class ConditionError(VitzooError, ValueError):
@@ -316,17 +317,22 @@ def sample(
     max_rounds: int = 20,
     distance: float | None = None,
     head: str | None = None,
+    measure: Measure | None = None,
+    pool: int = 300,
 ) -> tuple[list[tuple[StateDict, dict, dict]], list[str | None], dict]:
     """n models as (state_dict, factors, head), their parents, and a summary of the draw.
 
     Conditions: `parent` and `head` (linear | mlp, for a generator trained with head=all) choose the families
     drawn from; `target_acc` (validation accuracy) and `optimizer`+`lr` (a slot) condition the denoiser.
 
-    method: "diffusion" (the trained generator), "mix" (Dirichlet mixtures of a family's runs: the same
-    basis without learning, as a reference), or one of the evaluator's baselines over the generator's runs:
-    "random" (timm's init), "gaussian" (a per-parameter normal fitted to the runs) and "noise" (a random run
-    plus isotropic noise of L2 norm `distance`). With `novel_only`, diffusion and mix draws closer to one of the
-    family's runs than the closest two runs of any family (`stats["copy_threshold"]`) are redrawn."""
+    method: "mix" (Dirichlet mixtures of a family's runs, no learning: the default, because it measures better
+    than the trained diffusion; README), "pick" (measure-and-pick for `target_acc`: `pool` mixtures measured on
+    validation by `measure`, the n nearest the target kept), "diffusion" (the trained generator, which also
+    takes optimizer/lr), or one of the evaluator's baselines over the generator's runs: "random" (timm's init),
+    "gaussian" (a per-parameter normal fitted to the runs) and "noise" (a random run plus isotropic noise of L2
+    norm `distance`). With `novel_only`, mixture and diffusion draws closer to one of the family's runs than the
+    closest two runs of any family (`stats["copy_threshold"]`) are redrawn (counted apart: `redrawn_as_copies`;
+    the evaluator measures copies on its own)."""
     basis, stats = generator.basis, generator.stats
     if n <= 0:
         raise ConditionError(f"n must be positive, got {n}")
@@ -353,7 +359,15 @@ def sample(
             raise ConditionError(f"optimizer/lr {wanted} is not a trained condition; trained: {basis.slots}")
         slot = basis.slots.index(wanted)
     if method == "mix" and (target_acc is not None or slot is not None):
-        raise ConditionError("method=mix draws unconditioned mixtures; condition the diffusion method instead")
+        raise ConditionError("method=mix draws unconditioned mixtures; condition with method=pick or diffusion")
+    if method == "pick":
+        if target_acc is None or slot is not None:
+            raise ConditionError("method=pick conditions on target_acc only (optimizer/lr: method=diffusion)")
+        if measure is None:
+            raise ConditionError("method=pick measures candidates on validation: it needs a measure callback")
+        if not n <= pool:
+            raise ConditionError(f"method=pick keeps n of pool={pool} measured mixtures: n={n} is more")
+        return _pick(generator, n, seed, parent, head, target_acc, dirichlet, novel_only, measure, pool)
     rng = torch.Generator().manual_seed(seed)
     numpy_rng = np.random.default_rng(seed)
     mean, std = torch.tensor(stats["coordinate_mean"]), torch.tensor(stats["coordinate_std"])
@@ -389,6 +403,7 @@ def sample(
         parent_id, _, _, head_seed, _ = basis.families[f]
         factors = {
             "method": method,
+            "space": "family",  # coordinates in a family's basis of runs
             "generator": generator.sha256,
             "family_seed": head_seed,
             "target_acc": target_acc,
@@ -401,6 +416,36 @@ def sample(
         samples.append((basis.decode(f, a), factors, basis.head_of(f)))
         parents.append(parent_id)
     return samples, parents, {"drawn": len(kept) + redrawn, "redrawn_as_copies": redrawn}
+
+
+def _pick(
+    generator: Generator,
+    n: int,
+    seed: int,
+    parent: str | None,
+    head: str | None,
+    target_acc: float,
+    dirichlet: float,
+    novel_only: bool,
+    measure: Measure,
+    pool: int,
+):
+    """Measure-and-pick: `pool` Dirichlet mixtures (novel ones, with `novel_only`) measured on validation; the n
+    whose accuracy lies nearest `target_acc` (ties: in draw order). No learning: the reference a conditioned
+    generator must beat at the same number of validation evaluations."""
+    candidates, parents, info = sample(generator, pool, seed, "mix", parent, dirichlet=dirichlet,
+                                       novel_only=novel_only, head=head)  # fmt: skip
+    measured = measure([state_dict for state_dict, _, _ in candidates])
+    usable = [i for i, accuracy in enumerate(measured) if accuracy is not None]
+    if len(usable) < n:
+        raise ConditionError(f"only {len(usable)} of {pool} candidates could be measured; {n} were asked for")
+    chosen = sorted(usable, key=lambda i: (abs(measured[i] - target_acc), i))[:n]
+    samples = []
+    for i in chosen:
+        state_dict, factors, head_of = candidates[i]
+        picked = factors | {"method": "pick", "target_acc": target_acc, "val_acc": measured[i], "pool": pool}
+        samples.append((state_dict, picked, head_of))
+    return samples, [parents[i] for i in chosen], info | {"measured": len(measured), "unmeasured": pool - len(usable)}
 
 
 def _families(basis: FamilyBasis, parent: str | None, head: str | None) -> list[int]:
@@ -420,10 +465,8 @@ def _families(basis: FamilyBasis, parent: str | None, head: str | None) -> list[
 
 
 def _baselines(generator: Generator, n: int, seed: int, method: str, distance: float | None, head: str | None):
-    """The evaluator's baselines (eval/baselines.py) over the generator's runs of one head type (the first
+    """The evaluator's baselines (zoo_builder/baselines.py) over the generator's runs of one head type (the first
     family's, unless `head` says), as samples."""
-    from vitzoo.eval.baselines import gaussian, noise_around, random_init
-
     basis = generator.basis
     families = _families(basis, None, head or basis.families[0][1])
     head_spec = basis.head_of(families[0])

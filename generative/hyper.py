@@ -231,7 +231,7 @@ def load_autoencoder(path: str | Path, zoo: str | None = None) -> AutoencoderBun
     """An autoencoder checkpoint and its training data, rebuilt from its zoo and checked checkpoint by checkpoint."""
     path = Path(path)
     # written before pooling and windows were options: those pooled the mean over the whole sequence
-    legacy = {"pooling": "mean", "window": 0, "window_stride": 0}
+    legacy = {"pooling": "mean", "window": 0, "window_stride": 0, "projections": "shared"}
     weights, metadata, config = open_checkpoint(path, FORMAT, AutoencoderConfig, legacy)
     recorded = require(metadata, "data", dict, path)
     for key in ("zoo", "head"):
@@ -252,11 +252,23 @@ def load_autoencoder(path: str | Path, zoo: str | None = None) -> AutoencoderBun
 
 @torch.no_grad()
 def embeddings(bundle: AutoencoderBundle, batch: int = 64) -> torch.Tensor:
-    """[n, e] model-level embeddings of every training checkpoint (no augmentation)."""
+    """[n, e + 1] model-level embeddings of every training checkpoint (no augmentation): the autoencoder's
+    embedding of its unit-scale delta, and the log10 of that delta's scale (`DeltaSet.scales`)."""
     out = []
     for start in range(0, len(bundle.data), batch):
         out.append(bundle.model.embed_model(bundle.data.tokens[start : start + batch]))
-    return torch.cat(out)
+    return torch.cat([torch.cat(out), bundle.data.scales.log10()[:, None]], dim=1)
+
+
+@torch.no_grad()
+def reconstruct(bundle: AutoencoderBundle, indices: list[int], batch: int = 64) -> list[StateDict]:
+    """Encode -> decode of training checkpoints (no augmentation, no noise), as weights on their family start."""
+    data, out = bundle.data, []
+    for start in range(0, len(indices), batch):
+        chosen = indices[start : start + batch]
+        tokens = bundle.model.decode_model(bundle.model.encode_model(data.tokens[chosen]))  # [b, T, d]
+        out += [data.decode(t, data.conditions[i].family, data.scales[i]) for t, i in zip(tokens, chosen)]
+    return out
 
 
 @torch.no_grad()
@@ -264,7 +276,8 @@ def sample_kde(
     bundle: AutoencoderBundle, n: int, seed: int = 0, bandwidth: float = 0.2, top: float = 1.0
 ) -> tuple[list[tuple[StateDict, dict, dict]], list[str]]:
     """SANE's sampler: latents of anchors (each model's last checkpoint; the `top` fraction by validation
-    accuracy) plus noise of `bandwidth` x the per-dimension std of the anchors' latents, decoded."""
+    accuracy) plus noise of `bandwidth` x the per-dimension std of the anchors' latents, decoded; the delta's log
+    scale is one more latent dimension, perturbed the same way."""
     if n <= 0:
         raise ConditionError(f"n must be positive, got {n}")
     if not 0 < top <= 1:
@@ -283,11 +296,14 @@ def sample_kde(
     chosen = torch.randint(len(anchors), (n,), generator=generator)
     noisy = latents[chosen] + bandwidth * spread * torch.randn(n, *latents.shape[1:], generator=generator)
     tokens = bundle.model.decode_model(noisy)  # [n, T, d]
+    log_scales = data.scales[anchors].log()  # [A]
+    spread = log_scales.std() if len(anchors) > 1 else torch.tensor(0.0)
+    scales = (log_scales[chosen] + bandwidth * spread * torch.randn(n, generator=generator)).exp()  # [n]
     samples, parents = [], []
-    for token_values, a in zip(tokens, chosen.tolist()):
+    for token_values, a, scale in zip(tokens, chosen.tolist(), scales):
         anchor = data.entries[anchors[a]]
-        factors = {"method": "kde", "generator": bundle.sha256, "anchor": anchor.model_id, "bandwidth": bandwidth,
-                   "top": top, "sample_seed": seed}  # fmt: skip
-        samples.append((data.decode(token_values, data.conditions[anchors[a]].family), factors, anchor.head))
+        factors = {"method": "kde", "space": "latent", "generator": bundle.sha256, "anchor": anchor.model_id,
+                   "bandwidth": bandwidth, "top": top, "sample_seed": seed}  # fmt: skip
+        samples.append((data.decode(token_values, data.conditions[anchors[a]].family, scale), factors, anchor.head))
         parents.append(anchor.parent_id)
     return samples, parents

@@ -4,15 +4,19 @@ import json
 
 from scipy.stats import spearmanr
 
-from vitzoo.eval.conditioning import conditioning, write_conditioning
+from vitzoo.conditioning import conditioning, write_conditioning
 
 
 def test_conditioning_report_is_consistent_with_its_rows(tmp_path):
-    result = conditioning("bundled", targets=[0.3, 0.6, 0.9], per_target=3, per_slot=2, seed=1)
+    result = conditioning("bundled", targets=[0.3, 0.6, 0.9], per_target=3, per_slot=2, seed=1, pool=30)
     rows = result["targets"]
     assert len(rows) == 9 and {r["target"] for r in rows} == {0.3, 0.6, 0.9}
     expected = spearmanr([r["target"] for r in rows], [r["achieved"] for r in rows]).statistic
     assert abs(result["target_spearman"] - expected) < 1e-12
+    picked = result["reference_targets"]  # measure-and-pick at the same targets, the non-learned reference
+    assert len(picked) == 9 and result["pool"] == 30
+    expected = spearmanr([r["target"] for r in picked], [r["achieved"] for r in picked]).statistic
+    assert abs(result["reference_target_spearman"] - expected) < 1e-12
     assert len(result["slots"]) == 6 and all(0 <= r["samples_mean"] <= 1 for r in result["slots"])
     optimizers = {r["value"]: r for r in result["factors"] if r["factor"] == "optimizer"}
     adamw = [r["samples_mean"] for r in result["slots"] if r["optimizer"] == "adamw"]

@@ -12,21 +12,28 @@ from vitzoo.zoo_builder import Zoo
 
 def test_demo_runs_every_stage_and_resumes(tmp_path):
     out = tmp_path / "demo"
-    small = ["n=6", "targets=[0.5,0.9]", "per_target=2", "finetune_epochs=0", f"out={out}", "threads=1"]
+    small = ["n=6", "targets=[0.5,0.9]", "per_target=2", "pool=8", "finetune_epochs=0", f"out={out}", "threads=1"]
     first = run_cli("demo", *small, timeout=900)
     for stage in ("tokenize", "generator", "sample", "evaluate", "soups", "report"):
         assert f"] {stage} (" in first.stdout
-    assert "| sampled zero-shot | 6 |" in first.stdout and "| conditioned samples | 4 |" in first.stdout
+    assert "| Dirichlet mixtures (no learning) | 6 |" in first.stdout
+    assert "| family diffusion, conditioned (learned) | 4 |" in first.stdout
     samples = Zoo.open(out / "samples")
-    assert len(samples) == 10 and {e.factors["method"] for e in samples} == {"diffusion"}
-    assert sum(e.factors["target_acc"] is not None for e in samples) == 4
+    assert len(samples) == 20 and {e.factors["method"] for e in samples} == {"mix", "diffusion", "pick"}
+    assert {e.factors["space"] for e in samples} == {"family"}
+    assert sum(e.factors["target_acc"] is not None for e in samples) == 8
     results = json.loads((out / "results.json").read_text())
-    assert results["conditioning"]["n"] == 4 and set(results["conditioning"]["mean_acc_per_target"]) == {"0.5", "0.9"}
+    for method in ("pick", "diffusion"):
+        check = results["conditioning"][method]
+        assert check["n"] == 4 and set(check["mean_acc_per_target"]) == {"0.5", "0.9"}
     assert "Conditioning: Spearman's rho" in first.stdout
     names = [r["population"] for r in results["rows"]]
-    # fine-tuning is off here (it is the slow part): no "sampled after fine-tuning" row
-    assert names == ["zoo (fine-tuned)", "random init", "Gaussian baseline", "noise-around-zoo baseline",
-                     "sampled zero-shot", "conditioned samples"]  # fmt: skip
+    # fine-tuning is off here (it is the slow part): no "after fine-tuning" rows
+    noise = "  zoo + noise at the same distance"
+    assert names == ["zoo (fine-tuned)", "random init", "Gaussian baseline",
+                     "Dirichlet mixtures (no learning)", noise, "family diffusion (learned)", noise,
+                     "measure-and-pick, conditioned (no learning)", noise,
+                     "family diffusion, conditioned (learned)", noise]  # fmt: skip
     for name in ("report.md", "evaluation/novelty.png", "soups/report.md", "generator/generator.safetensors"):
         assert (out / name).stat().st_size > 0
 
@@ -62,13 +69,16 @@ def test_summary_rows_pick_the_populations_and_the_fine_tuned_accuracy():
                    {"population": "diffusion", "finetune": [0.7, 0.8]},
                    {"population": "zoo", "finetune": [0.8, 0.1]}],
     }  # fmt: skip
-    rows = summary_rows(comparison, {"sample": 5.0})
-    by_name = {r["population"]: r for r in rows}
-    assert by_name["noise-around-zoo baseline"]["mean_acc"] == 0.5  # matched to the unconditioned samples
-    assert by_name["sampled zero-shot"]["seconds"] == 7.0  # evaluation plus the sampling stage
-    tuned = by_name["sampled after 1 epoch fine-tuning"]
+    rows = summary_rows(comparison, {"diffusion": 5.0, "diffusion (conditioned)": 1.0})
+    names = [r["population"] for r in rows]
+    assert names == ["zoo (fine-tuned)", "random init", "Gaussian baseline", "family diffusion (learned)",
+                     "  zoo + noise at the same distance", "  after 1 epoch fine-tuning",
+                     "family diffusion, conditioned (learned)", "  zoo + noise at the same distance"]  # fmt: skip
+    assert rows[4]["mean_acc"] == 0.5 and rows[7]["mean_acc"] == 0.4  # each population beside its own control
+    assert rows[3]["seconds"] == 7.0 and rows[6]["seconds"] == 3.0  # evaluation plus its own drawing
+    tuned = rows[5]
     assert tuned["n"] == 2 and abs(tuned["mean_acc"] - 0.85) < 1e-12 and tuned["max_acc"] == 0.9
-    assert by_name["conditioned samples"]["mean_acc"] == 0.6
+    assert rows[6]["mean_acc"] == 0.6
 
 
 def test_demo_on_an_imported_zoo_with_the_gpu_preset(tmp_path):
@@ -99,10 +109,12 @@ def test_demo_on_an_imported_zoo_with_the_gpu_preset(tmp_path):
     settings = ["experiment=vit_s16_cifar100", "device=cpu", "generator.mixtures=12", "+generator.steps=30", "n=4",
                 "per_target=1", "finetune_epochs=0", f"out={out}", "threads=1", "progress=false"]  # fmt: skip
     run = run_cli("demo", str(tmp_path / "zoo"), *settings, timeout=600)
-    assert "| sampled zero-shot | 4 |" in run.stdout and "| conditioned samples | 4 |" in run.stdout
+    assert "| Dirichlet mixtures (no learning) | 4 |" in run.stdout
+    assert "| family diffusion, conditioned (learned) | 4 |" in run.stdout
     generator = load_generator(out / "generator" / "generator.safetensors", str(tmp_path / "zoo"))
     low, high = generator.stats["accuracy_min"], generator.stats["accuracy_max"]
-    targets = sorted(e.factors["target_acc"] for e in Zoo.open(out / "samples") if e.factors["target_acc"])
+    targets = sorted(e.factors["target_acc"] for e in Zoo.open(out / "samples")
+                     if e.factors["target_acc"] and e.factors["method"] == "diffusion")  # fmt: skip
     assert targets == [round(low + q * (high - low), 3) for q in (0.2, 0.4, 0.6, 0.8)]
     assert json.loads((out / "tokens.json").read_text())["width"] == 385
     soups = json.loads((out / "soups" / "results.json").read_text())

@@ -10,7 +10,7 @@ from vitzoo.generative.autoencoder import AutoencoderConfig, HyperAutoencoder, r
 from vitzoo.generative.data import DeltaSet
 from vitzoo.generative.diffusion import DiffusionConfig
 from vitzoo.generative.family import FamilyBasis
-from vitzoo.generative.generator import ConditionError, load_generator, sample, train_generator
+from vitzoo.generative.generator import BUNDLED_GENERATOR, ConditionError, load_generator, sample, train_generator
 from vitzoo.generative.hyper import embeddings, load_autoencoder, sample_kde, train_autoencoder
 from vitzoo.zoo_builder import Zoo
 from vitzoo.zoo_builder.zoo import ZooError, write_sampled
@@ -53,9 +53,13 @@ def test_delta_tokens_decode_to_the_checkpoints():
     deltas = DeltaSet(Zoo.open("bundled"))
     assert deltas.tokens.shape == (300, 470, 25)
     for index in (0, 151, 299):
-        decoded = deltas.decode(deltas.tokens[index], deltas.conditions[index].family)
+        decoded = deltas.decode(deltas.tokens[index], deltas.conditions[index].family, deltas.scales[index])
         weights = deltas.entries[index].state_dict()
         assert max((decoded[k] - weights[k]).abs().max().item() for k in weights) < 1e-6
+    # every checkpoint's delta at unit scale; the scales themselves span the learning rates' range
+    unit = (deltas.tokens.pow(2) * deltas.mask).sum(dim=(1, 2)) / deltas.mask.sum()
+    assert torch.allclose(unit, torch.ones(len(deltas)), atol=1e-5)
+    assert deltas.scales.max() > 10 * deltas.scales.min()
 
 
 def test_training_resumes_to_the_same_generator(tmp_path, monkeypatch):
@@ -87,8 +91,8 @@ def test_sampling_writes_a_loadable_zoo_and_refuses_bad_conditions(tmp_path):
     zoo = Zoo.open("bundled")
     path = train_generator(zoo, tmp_path / "generator", TINY, fake_measure, progress=False)
     generator = load_generator(path)
-    samples, parents, info = sample(generator, 5, seed=0, target_acc=generator.stats["accuracy_max"],
-                                    optimizer="adamw", lr=3e-3)  # fmt: skip
+    samples, parents, info = sample(generator, 5, seed=0, method="diffusion",
+                                    target_acc=generator.stats["accuracy_max"], optimizer="adamw", lr=3e-3)  # fmt: skip
     assert len(samples) == len(parents) == 5 and info["drawn"] >= 5
     sampled = write_sampled(tmp_path / "samples", generator.basis.architecture, "digits", samples, parents)
     for entry in sampled:
@@ -96,8 +100,9 @@ def test_sampling_writes_a_loadable_zoo_and_refuses_bad_conditions(tmp_path):
         assert entry.factors["generator"] == generator.sha256 and entry.factors["optimizer"] == "adamw"
         entry.model()  # loads strictly into the timm ViT
         assert entry.parent_id in {key[0] for key in generator.basis.families}
-    mixed, _, _ = sample(generator, 3, method="mix")
-    assert all(abs(sum(factors["coordinates"]) - 1) < 1e-4 for _, factors, _ in mixed)
+    mixed, _, _ = sample(generator, 3)  # the default: Dirichlet mixtures, no learning
+    assert all(abs(sum(factors["coordinates"]) - 1) < 1e-4 and factors["method"] == "mix" for _, factors, _ in mixed)
+    assert all(factors["space"] == "family" for _, factors, _ in mixed)
     with pytest.raises(ConditionError, match="outside"):
         sample(generator, 2, target_acc=generator.stats["accuracy_max"] + 0.5)
     with pytest.raises(ConditionError, match="not a trained condition"):
@@ -110,11 +115,33 @@ def test_sampling_writes_a_loadable_zoo_and_refuses_bad_conditions(tmp_path):
         load_generator(sampled[0].path)
 
 
+def test_measure_and_pick_keeps_the_candidates_nearest_the_target(basis):
+    generator = load_generator(BUNDLED_GENERATOR)
+    seen = []
+
+    def measure(state_dicts):  # a stand-in accuracy: the head bias's first value, one per candidate
+        seen.extend(state_dicts)
+        return [float(sd["head.bias"][0]) for sd in state_dicts]
+
+    target = generator.stats["accuracy_min"]
+    picked, parents, _ = sample(generator, 3, seed=0, method="pick", target_acc=target, measure=measure, pool=20)
+    assert len(seen) == 20 and len(picked) == len(parents) == 3
+    scores = sorted(abs(float(sd["head.bias"][0]) - target) for sd in seen)
+    assert sorted(abs(f["val_acc"] - target) for _, f, _ in picked) == scores[:3]
+    assert all(f["method"] == "pick" and f["target_acc"] == target and f["pool"] == 20 for _, f, _ in picked)
+    with pytest.raises(ConditionError, match="needs a measure"):
+        sample(generator, 3, method="pick", target_acc=target)
+    with pytest.raises(ConditionError, match="target_acc only"):
+        sample(generator, 3, method="pick", target_acc=target, optimizer="adamw", lr=3e-3, measure=measure)
+    with pytest.raises(ConditionError, match="more"):
+        sample(generator, 30, method="pick", target_acc=target, measure=measure, pool=20)
+
+
 def test_cli_sample_from_the_shipped_generator(tmp_path):
     out = tmp_path / "samples"
-    run_cli("sample", "bundled", "n=4", f"out={out}", "target_acc=0.9", "threads=1")
+    run_cli("sample", "bundled", "n=4", f"out={out}", "method=pick", "pool=12", "target_acc=0.9", "threads=1")
     zoo = Zoo.open(out)
-    assert len(zoo) == 4 and all(e.factors["target_acc"] == 0.9 for e in zoo)
+    assert len(zoo) == 4 and all(e.factors["target_acc"] == 0.9 and e.factors["method"] == "pick" for e in zoo)
     again = run_cli("sample", "bundled", "n=4", f"out={out}", "target_acc=1.5", check=False)
     assert again.returncode == 2 and "does not extrapolate" in again.stderr  # conditions are checked first
     assert len(Zoo.open(out)) == 4
@@ -277,7 +304,7 @@ def test_an_autoencoder_over_both_head_types_embeds_bodies_and_probes_head_type(
     both = DeltaSet(zoo, head="all")
     assert both.tokens.shape == (600, 460, 25)  # the linear head's 10 tokens (the MLP head's 26) left out
     entry = both.entries[0]
-    decoded = both.decode(both.tokens[0], both.conditions[0].family)
+    decoded = both.decode(both.tokens[0], both.conditions[0].family, both.scales[0])
     weights = entry.state_dict()
     assert not any(k.startswith("head.") for k in decoded)
     assert max((decoded[k] - weights[k]).abs().max().item() for k in decoded) < 1e-6

@@ -58,3 +58,29 @@ def test_installed_wheel_works_beside_a_foreign_configs_folder(wheel, tmp_path):
     help_text = subprocess.run([sys.executable, "-m", "vitzoo.cli", "sample", "bundled", "--help"], cwd=work,
                                env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert help_text.returncode == 0 and "target_acc" in help_text.stdout, help_text.stderr[-2000:]
+
+
+def imported_modules(folder: Path) -> set[str]:
+    """Every module named by an import statement in the package's files (top level and inside functions)."""
+    import ast
+
+    names = set()
+    for path in folder.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names.add(node.module)
+            elif isinstance(node, ast.Import):
+                names.update(alias.name for alias in node.names)
+    return names
+
+
+def test_packages_import_only_downwards():
+    """zoo_builder <- tokenizer <- generative, eval <- the CLI: generative and eval never import each other."""
+    order = {"zoo_builder": 0, "tokenizer": 1, "generative": 2, "eval": 2}
+    for package, level in order.items():
+        for name in imported_modules(REPO / package):
+            parts = name.split(".")
+            if parts[0] == "vitzoo" and len(parts) > 1 and parts[1] in order:
+                other = parts[1]
+                assert other == package or order[other] < level, f"{package} imports {name}"
+            assert not (parts[0] == "vitzoo" and len(parts) > 1 and parts[1] in ("cli", "demo", "conditioning")), name

@@ -287,7 +287,7 @@ def build_task(cfg) -> None:
     finally:
         if logger is not None:
             logger.finish()
-    print(Zoo.open(out).summary())
+    print(Zoo.open(out, allow_unfinished=True).summary())  # other shards may still be training
 
 
 def epoch_setting(epoch: str) -> str | int:
@@ -530,9 +530,12 @@ def sample_task(cfg) -> None:
         architecture, dataset, note = bundle.data.architecture, Zoo.open(bundle.data.zoo_root).dataset, ""
     else:
         generator = load_generator(path, cfg.zoo)
+        basis = generator.basis
+        measure = measure_on(basis.dataset, "val", basis.architecture.num_heads, cfg.data_root)  # method=pick
         samples, parents, info = sample(
             generator, cfg.n, cfg.seed, cfg.method, cfg.parent, cfg.target_acc, cfg.optimizer, cfg.lr,
             cfg.guidance, cfg.steps, novel_only=cfg.novel_only, distance=cfg.distance, head=cfg.head,
+            measure=measure, pool=cfg.pool,
         )  # fmt: skip
         architecture, dataset = generator.basis.architecture, generator.basis.dataset
         note = f" ({info['redrawn_as_copies']} draws redrawn as copies)"

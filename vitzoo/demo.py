@@ -5,8 +5,9 @@ Stages (each writes its outputs, then records itself in `<out>/stages.json`; a r
 1. tokenize   open the zoo, tokenize its fine-tunes, check one round trip bit for bit
 2. generator  copy the generator shipped beside the bundled zoo into `<out>/generator/` (or train it afresh:
               `retrain=true`, the shipped one's config)
-3. sample     `n` unconditioned draws and `per_target` draws at each of `targets` accuracies into `<out>/samples/`
-              (the zoo format; every entry's `.factors` holds its method and condition)
+3. sample     `n` unconditioned draws by Dirichlet mixing and by the diffusion, and `per_target` draws at each
+              of `targets` accuracies by measure-and-pick and by the diffusion, into `<out>/samples/` (the zoo
+              format; every entry's `.factors` holds its method, the space it was drawn in, and its condition)
 4. evaluate   samples vs the zoo's models it was trained on vs the baselines, with `finetune_epochs` of
               fine-tuning (eval.compare), into `<out>/evaluation/`
 5. soups      the model-soup experiment on the zoo (eval.soups), into `<out>/soups/`
@@ -28,6 +29,7 @@ from typing import Callable
 import torch
 from omegaconf import OmegaConf
 
+from vitzoo.errors import ConfigError
 from vitzoo.eval.compare import GAUSSIAN, NOISE, RANDOM, ZOO, compare, write_comparison
 from vitzoo.eval.finetune import FinetuneRecipe
 from vitzoo.eval.soups import write_soups
@@ -72,8 +74,8 @@ def run_demo(cfg, shipped_generator: Path, measure, device: torch.device | str =
 
 
 def _config_key(cfg) -> dict:
-    keys = ("path", "retrain", "generator", "n", "targets", "per_target", "finetune_epochs", "align", "token_width",
-            "seed")  # fmt: skip
+    keys = ("path", "retrain", "generator", "n", "targets", "per_target", "pool", "finetune_epochs", "align",
+            "token_width", "seed")  # fmt: skip
     return {k: OmegaConf.to_container(cfg[k]) if OmegaConf.is_config(cfg[k]) else cfg[k] for k in keys}
 
 
@@ -105,12 +107,12 @@ def _generator(cfg, zoo: Zoo, out: Path, context: Context) -> None:
         config = read_checkpoint(shipped)[1]["config"] if shipped.exists() else DiffusionConfig().to_dict()
         unknown = sorted(set(cfg.generator) - set(config))
         if unknown:
-            raise ValueError(f"generator: unknown DiffusionConfig field(s) {unknown}; known: {sorted(config)}")
+            raise ConfigError(f"generator: unknown DiffusionConfig field(s) {unknown}; known: {sorted(config)}")
         config = DiffusionConfig(**(config | dict(cfg.generator)))
         train_generator(zoo, target, config, context.measure, progress=cfg.progress)
         return
     if cfg.generator:
-        raise ValueError("generator settings change a generator that is trained: use them with retrain=true")
+        raise ConfigError("generator settings change a generator that is trained: use them with retrain=true")
     if not shipped.exists():
         raise ZooError(f"no shipped generator at {shipped}; run with retrain=true")
     target.mkdir(parents=True, exist_ok=True)
@@ -121,13 +123,37 @@ def _generator(cfg, zoo: Zoo, out: Path, context: Context) -> None:
         raise ZooError(f"the shipped generator belongs to the bundled zoo; for {cfg.path} use retrain=true") from error
 
 
+UNCONDITIONED = ("mix", "diffusion")  # the non-learned reference first, then the learned generator
+CONDITIONED = ("pick", "diffusion")  # target accuracy: measure-and-pick (no learning), then the learned generator
+
+
 def _sample(cfg, zoo: Zoo, out: Path, context: Context) -> None:
+    """`n` draws of every unconditioned method and `per_target` draws of every conditioned one at each target."""
     generator = load_generator(out / "generator" / "generator.safetensors", cfg.path)
-    samples, parents, info = sample(generator, cfg.n, cfg.seed)
-    for i, target in enumerate(conditioning_targets(cfg.targets, generator)):
-        drawn, drawn_parents, _ = sample(generator, cfg.per_target, cfg.seed + 1 + i, target_acc=target)
+    samples, parents, info = [], [], {}  # info: per population, its draw summary and seconds
+    for method in UNCONDITIONED:
+        tic = time.perf_counter()
+        drawn, drawn_parents, info[method] = sample(generator, cfg.n, cfg.seed, method)
+        info[method]["seconds"] = time.perf_counter() - tic
         samples += drawn
         parents += drawn_parents
+    for i, target in enumerate(conditioning_targets(cfg.targets, generator)):
+        for method in CONDITIONED:
+            tic = time.perf_counter()
+            drawn, drawn_parents, drawn_info = sample(
+                generator,
+                cfg.per_target,
+                cfg.seed + 1 + i,
+                method,
+                target_acc=target,
+                measure=context.measure,
+                pool=cfg.pool,
+            )
+            population = info.setdefault(f"{method} (conditioned)", {"redrawn_as_copies": 0, "seconds": 0.0})
+            population["redrawn_as_copies"] += drawn_info["redrawn_as_copies"]
+            population["seconds"] += time.perf_counter() - tic
+            samples += drawn
+            parents += drawn_parents
     if (out / "samples").exists():  # a sampling stage that was interrupted while writing
         shutil.rmtree(out / "samples")
     write_sampled(out / "samples", generator.basis.architecture, generator.basis.dataset, samples, parents)
@@ -160,7 +186,8 @@ def _report(cfg, zoo: Zoo, out: Path, context: Context) -> None:
     comparison = json.loads((out / "evaluation" / "results.json").read_text())
     soups = json.loads((out / "soups" / "results.json").read_text())
     seconds = json.loads((out / "stages.json").read_text()).get("seconds", {})
-    rows = summary_rows(comparison, seconds)
+    sampling = json.loads((out / "sampling.json").read_text())
+    rows = summary_rows(comparison, {name: info["seconds"] for name, info in sampling.items()})
     gains = [s["gain"] for s in soups["epoch_soups"].get("2", [])]
     soup_line = (
         f"uniform soup of each fine-tune's last 2 epochs vs its last epoch: mean test gain "
@@ -176,7 +203,7 @@ def _report(cfg, zoo: Zoo, out: Path, context: Context) -> None:
         "conditioning": conditioning,
         "soups": soup_line,
         "stage_seconds": seconds,
-        "sampling": json.loads((out / "sampling.json").read_text()),
+        "sampling": sampling,
     }
     atomic_write_json(out / "results.json", summary)
     lines = [
@@ -191,8 +218,9 @@ def _report(cfg, zoo: Zoo, out: Path, context: Context) -> None:
         "",
         conditioning_line(conditioning),
         "",
-        f"Samples: {summary['sampling']['redrawn_as_copies']} unconditioned draws were redrawn as copies. "
-        f"Soups: {soup_line} (details in soups/report.md).",
+        "Redrawn by the samplers' own copy filter (novel_only; apart from the measured copies above): "
+        + ", ".join(f"{method} {info['redrawn_as_copies']}" for method, info in summary["sampling"].items())
+        + f". Soups: {soup_line} (details in soups/report.md).",
         "",
         "![accuracy](evaluation/accuracy.png)",
         "",
@@ -206,28 +234,37 @@ def _report(cfg, zoo: Zoo, out: Path, context: Context) -> None:
     (out / "report.md").write_text("\n".join(lines))
 
 
-def conditioning_check(comparison: dict, samples: Zoo) -> dict | None:
-    """How well conditioned samples follow their target validation accuracy: Spearman's rho between target and
-    achieved test accuracy, and the mean achieved accuracy per target."""
+def conditioning_check(comparison: dict, samples: Zoo) -> dict[str, dict]:
+    """Per conditioned method, how well its samples follow their target validation accuracy: Spearman's rho
+    between target and achieved test accuracy, and the mean achieved accuracy per target."""
     from scipy.stats import spearmanr
 
-    target = {e.model_id: e.factors.get("target_acc") for e in samples}
-    pairs = [(target[m["name"]], m["accuracy"]) for m in comparison["models"]
-             if target.get(m["name"]) is not None and m["error"] is None]  # fmt: skip
-    if len({t for t, _ in pairs}) < 2:
-        return None
-    means = {t: statistics.mean(a for u, a in pairs if u == t) for t in sorted({t for t, _ in pairs})}
-    rho = spearmanr([t for t, _ in pairs], [a for _, a in pairs]).statistic
-    return {"n": len(pairs), "spearman": float(rho), "mean_acc_per_target": {str(t): a for t, a in means.items()}}
+    target = {e.model_id: (e.factors.get("method"), e.factors.get("target_acc")) for e in samples}
+    checks = {}
+    for method in dict.fromkeys(m for m, t in target.values() if t is not None):
+        pairs = [(target[m["name"]][1], m["accuracy"]) for m in comparison["models"]
+                 if target.get(m["name"], (None, None)) [0] == method and target[m["name"]][1] is not None
+                 and m["error"] is None]  # fmt: skip
+        if len({t for t, _ in pairs}) < 2:
+            continue
+        means = {t: statistics.mean(a for u, a in pairs if u == t) for t in sorted({t for t, _ in pairs})}
+        rho = spearmanr([t for t, _ in pairs], [a for _, a in pairs]).statistic
+        checks[method] = {"n": len(pairs), "spearman": float(rho),
+                          "mean_acc_per_target": {str(t): a for t, a in means.items()}}  # fmt: skip
+    return checks
 
 
-def conditioning_line(conditioning: dict | None) -> str:
-    if conditioning is None:
+def conditioning_line(conditioning: dict[str, dict]) -> str:
+    if not conditioning:
         return "Conditioning: fewer than two targets sampled."
-    means = ", ".join(f"{t} -> {a:.3f}" for t, a in conditioning["mean_acc_per_target"].items())
+    parts = []
+    for method, check in conditioning.items():
+        means = ", ".join(f"{t} -> {a:.3f}" for t, a in check["mean_acc_per_target"].items())
+        parts.append(f"{method} {check['spearman']:.3f} over {check['n']} samples (mean per target: {means})")
     return (
-        f"Conditioning: Spearman's rho between target validation accuracy and achieved test accuracy "
-        f"{conditioning['spearman']:.3f} over {conditioning['n']} conditioned samples (mean per target: {means})."
+        "Conditioning: Spearman's rho between target validation accuracy and achieved test accuracy: "
+        + "; ".join(parts)
+        + "."
     )
 
 
@@ -252,37 +289,41 @@ family's runs); time: seconds to generate and evaluate the population in this ru
 NOVELTY = ("copies", "median_nn_distance", "median_relative_distance", "median_agreement", "median_span_distance")
 
 
-def summary_rows(comparison: dict, seconds: dict) -> list[dict]:
-    """The demo's table: zoo, baselines, zero-shot samples, samples after fine-tuning, conditioned samples."""
+LABELS = {
+    "mix": "Dirichlet mixtures (no learning)",
+    "diffusion": "family diffusion (learned)",
+    "pick (conditioned)": "measure-and-pick, conditioned (no learning)",
+    "diffusion (conditioned)": "family diffusion, conditioned (learned)",
+}
+
+
+def summary_rows(comparison: dict, sampling_seconds: dict[str, float]) -> list[dict]:
+    """The demo's table: the zoo and the floors, then every sampled population (zero-shot), followed by the zoo +
+    noise control at its own distance and, where fine-tuned, its accuracy after fine-tuning. `sampling_seconds`:
+    the seconds each sampled population took to draw (added to its evaluation time)."""
     by_name = {r["population"]: r for r in comparison["rows"]}
-    noise = next(name for name in by_name if name.startswith(NOISE) and "conditioned" not in name)
-    sampled = next(name for name in by_name if name not in (ZOO, RANDOM, GAUSSIAN) and not name.startswith(NOISE)
-                   and "conditioned" not in name)  # fmt: skip
-    conditioned = next((name for name in by_name if "conditioned" in name and not name.startswith(NOISE)), None)
-    names = [
-        (ZOO, "zoo (fine-tuned)"),
-        (RANDOM, "random init"),
-        (GAUSSIAN, "Gaussian baseline"),
-        (noise, "noise-around-zoo baseline"),
-        (sampled, "sampled zero-shot"),
-    ]
-    rows = [_row(label, by_name[name], name, seconds) for name, label in names if name in by_name]
-    tuned = [m["finetune"] for m in comparison["models"] if m["population"] == sampled and m.get("finetune")]
-    if tuned:
-        accuracies = [curve[-1] for curve in tuned]
-        rows.append({
-            "population": f"sampled after {len(tuned[0]) - 1} epoch fine-tuning",
-            "n": len(accuracies), "mean_acc": statistics.mean(accuracies),
-            "median_acc": statistics.median(accuracies), "max_acc": max(accuracies),
-            **dict.fromkeys(NOVELTY), "seconds": None,
-        })  # fmt: skip
-    if conditioned:
-        rows.append(_row("conditioned samples", by_name[conditioned], conditioned, seconds))
+    rows = [_row(label, by_name[name], 0.0)
+            for name, label in ((ZOO, "zoo (fine-tuned)"), (RANDOM, "random init"), (GAUSSIAN, "Gaussian baseline"))
+            if name in by_name]  # fmt: skip
+    sampled = [name for name in by_name if name not in (ZOO, RANDOM, GAUSSIAN) and not name.startswith(NOISE)]
+    for name in sampled:
+        rows.append(_row(LABELS.get(name, name), by_name[name], sampling_seconds.get(name, 0.0)))
+        noise = f"{NOISE} ({name})" if f"{NOISE} ({name})" in by_name else NOISE
+        if noise in by_name:
+            rows.append(_row("  zoo + noise at the same distance", by_name[noise], 0.0))
+        tuned = [m["finetune"] for m in comparison["models"] if m["population"] == name and m.get("finetune")]
+        if tuned and "conditioned" not in name:
+            accuracies = [curve[-1] for curve in tuned]
+            rows.append({
+                "population": f"  after {len(tuned[0]) - 1} epoch fine-tuning",
+                "n": len(accuracies), "mean_acc": statistics.mean(accuracies),
+                "median_acc": statistics.median(accuracies), "max_acc": max(accuracies),
+                **dict.fromkeys(NOVELTY), "seconds": None,
+            })  # fmt: skip
     return rows
 
 
-def _row(label: str, row: dict, name: str, seconds: dict) -> dict:
-    extra = seconds.get("sample", 0) if name not in (ZOO, RANDOM, GAUSSIAN) and not name.startswith(NOISE) else 0
+def _row(label: str, row: dict, drawing_seconds: float) -> dict:
     return {
         "population": label,
         "n": row["n"],
@@ -290,7 +331,7 @@ def _row(label: str, row: dict, name: str, seconds: dict) -> dict:
         "median_acc": row["median_acc"],
         "max_acc": row["max_acc"],
         **{key: row[key] for key in NOVELTY},
-        "seconds": (row["seconds"] or 0) + extra,
+        "seconds": (row["seconds"] or 0) + drawing_seconds,
     }
 
 

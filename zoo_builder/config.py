@@ -129,7 +129,9 @@ class TrainConfig:
 class SampleConfig:
     path: str = "???"  # the generator checkpoint; "bundled" = the one shipped beside the bundled zoo
     n: int = 100
-    method: str = "diffusion"  # diffusion | mix | random | gaussian | noise (generators) | kde (autoencoders)
+    method: str = "mix"  # mix | pick | diffusion | random | gaussian | noise (generators) | kde (autoencoders)
+    pool: int = 300  # pick: mixtures measured on validation per call
+    data_root: Optional[str] = None  # pick: where the zoo's dataset lives, when not installed
     bandwidth: float = 0.2  # kde: noise in units of the anchors' latent std
     top: float = 1.0  # kde: anchors are this fraction of models, best by validation accuracy
     out: str = "runs/samples"
@@ -155,10 +157,11 @@ class DemoConfig:
     overwrite: bool = False  # run afresh into out (else a rerun resumes it)
     retrain: bool = False  # train the generator afresh instead of using the shipped one
     generator: Dict[str, Any] = field(default_factory=dict)  # DiffusionConfig fields that differ, for retrain
-    n: int = 120  # unconditioned samples
+    n: int = 120  # unconditioned samples per method (Dirichlet mixing, diffusion)
     # conditioned samples: target val accuracies; null: 20/40/60/80% of the way across the trained range
     targets: Optional[List[float]] = field(default_factory=lambda: [0.3, 0.5, 0.7, 0.9])
-    per_target: int = 10
+    per_target: int = 10  # per target and method (measure-and-pick, diffusion)
+    pool: int = 300  # measure-and-pick: mixtures measured on validation per target
     finetune_epochs: int = 1
     align: bool = True  # novelty after aligning heads and MLP units (one assignment problem per block and pair)
     token_width: int = 25  # the tokenize stage's token width (25: the bundled ViT's rows plus bias)

@@ -12,12 +12,12 @@ import torch
 
 from vitzoo.zoo_builder.blueprint import Factors, Run
 from vitzoo.zoo_builder.build import initial_state
-from vitzoo.zoo_builder.zoo import Zoo, ZooEntry
+from vitzoo.zoo_builder.zoo import Zoo, ZooEntry, ZooError
 
 StateDict = dict[str, torch.Tensor]
 
 
-class UnknownStartError(ValueError):
+class UnknownStartError(ZooError):
     """The weights a fine-tune started from cannot be known from the zoo."""
 
 

@@ -8,7 +8,7 @@
 A sample that cannot be evaluated (e.g. non-finite weights) has no accuracy: it is left out and counted
 (`unevaluated`), never scored.
 
-python -m vitzoo.eval.conditioning bundled --out runs/conditioning     # the generator shipped beside the bundled zoo
+python -m vitzoo.conditioning bundled --out runs/conditioning     # the generator shipped beside the bundled zoo
 """
 
 from __future__ import annotations
@@ -33,7 +33,10 @@ def conditioning(
     guidance: float = 2.0,
     seed: int = 0,
     split: str = "test",
+    pool: int = 300,
 ) -> dict:
+    """The diffusion's conditioning, and measure-and-pick's at the same targets (no learning: `pool` mixtures
+    measured on validation per target) as its reference."""
     generator = load_generator(generator_path)
     stats, basis = generator.stats, generator.basis
     num_heads = basis.architecture.num_heads
@@ -51,15 +54,26 @@ def conditioning(
         unevaluated += sum(r.error is not None for r in results)
         return [r.accuracy for r in results if r.error is None]
 
-    target_rows = []
+    def on_validation(state_dicts) -> list[float | None]:
+        results = evaluate(
+            [(str(i), sd) for i, sd in enumerate(state_dicts)], basis.dataset, "val", num_heads=num_heads
+        )
+        return [r.accuracy if r.error is None else None for r in results]
+
+    target_rows, reference_rows = [], []
     for i, target in enumerate(targets):
-        samples, _, _ = sample(generator, per_target, seed + i, target_acc=target, guidance=guidance)
+        samples, _, _ = sample(generator, per_target, seed + i, "diffusion", target_acc=target, guidance=guidance)
         target_rows += [{"target": target, "achieved": a} for a in accuracies(samples)]
+        picked, _, _ = sample(generator, per_target, seed + i, "pick", target_acc=target, measure=on_validation,
+                              pool=pool)  # fmt: skip
+        reference_rows += [{"target": target, "achieved": a} for a in accuracies(picked)]
     rho = spearmanr([r["target"] for r in target_rows], [r["achieved"] for r in target_rows]).statistic
+    reference_rho = spearmanr([r["target"] for r in reference_rows], [r["achieved"] for r in reference_rows]).statistic
 
     slot_rows = []
     for k, (optimizer, lr) in enumerate(basis.slots):
-        samples, _, _ = sample(generator, per_slot, seed + 100 + k, optimizer=optimizer, lr=lr, guidance=guidance)
+        samples, _, _ = sample(generator, per_slot, seed + 100 + k, "diffusion", optimizer=optimizer, lr=lr,
+                               guidance=guidance)  # fmt: skip
         zoo = [members[k].metrics.get(f"{split}_acc") for members in basis.members]
         achieved = accuracies(samples)
         if not achieved:
@@ -95,6 +109,9 @@ def conditioning(
         "code_version": code_version(),
         "unevaluated": unevaluated,
         "target_spearman": float(rho),
+        "pool": pool,
+        "reference_target_spearman": float(reference_rho),
+        "reference_targets": reference_rows,
         "slot_spearman": float(slot_rho),
         "targets": target_rows,
         "slots": slot_rows,
@@ -117,13 +134,17 @@ def write_conditioning(result: dict, out: Path) -> Path:
     import matplotlib.pyplot as plt
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    targets = torch.tensor([r["target"] for r in result["targets"]])
-    achieved = torch.tensor([r["achieved"] for r in result["targets"]])
-    left.scatter(targets + 0.004 * torch.randn(len(targets)), achieved, s=12, alpha=0.6)
+    for rows, label in ((result["targets"], "diffusion"), (result["reference_targets"], "measure-and-pick")):
+        targets = torch.tensor([r["target"] for r in rows])
+        achieved = torch.tensor([r["achieved"] for r in rows])
+        left.scatter(targets + 0.004 * torch.randn(len(targets)), achieved, s=12, alpha=0.6, label=label)
+    left.legend(fontsize=8)
     left.plot([0, 1], [0, 1], "k:", linewidth=1)
     left.set_xlabel("target validation accuracy")
     left.set_ylabel(f"achieved {result['split']} accuracy")
-    left.set_title(f"Spearman {result['target_spearman']:.2f}")
+    left.set_title(
+        f"Spearman {result['target_spearman']:.2f} (measure-and-pick {result['reference_target_spearman']:.2f})"
+    )
     names = [f"{r['optimizer']} {r['lr']:g}" for r in result["slots"]]
     x = torch.arange(len(names)).float()
     right.bar(x - 0.2, [r["zoo_mean"] for r in result["slots"]], 0.4, label="zoo runs")
@@ -141,16 +162,19 @@ def write_conditioning(result: dict, out: Path) -> Path:
         f"{result['split']} split, guidance {result['guidance']}, seed {result['seed']}, "
         f"code {result['code_version']}.",
         "",
-        f"Target accuracy: Spearman {result['target_spearman']:.3f} over {len(result['targets'])} samples"
+        f"Target accuracy: Spearman {result['target_spearman']:.3f} over {len(result['targets'])} diffusion samples;"
+        f" measure-and-pick (no learning: {result['pool']} Dirichlet mixtures measured on validation per target, the"
+        f" nearest kept) {result['reference_target_spearman']:.3f} over {len(result['reference_targets'])}"
         f"{unevaluated_note(result)}.",
         "",
-        "| target (val) | n | achieved mean | min | max |",
-        "|---|---|---|---|---|",
+        "| target (val) | n | diffusion: achieved mean | min | max | measure-and-pick: achieved mean |",
+        "|---|---|---|---|---|---|",
     ]
     for target in dict.fromkeys(r["target"] for r in result["targets"]):
         values = [r["achieved"] for r in result["targets"] if r["target"] == target]
+        picked = [r["achieved"] for r in result["reference_targets"] if r["target"] == target]
         lines.append(f"| {target:.3f} | {len(values)} | {statistics.mean(values):.3f} | {min(values):.3f} | "
-                     f"{max(values):.3f} |")  # fmt: skip
+                     f"{max(values):.3f} | {statistics.mean(picked):.3f} |")  # fmt: skip
     lines += [
         "",
         f"Optimizer/lr: Spearman {result['slot_spearman']:.3f} between the samples' and the zoo's per-slot means.",
