@@ -13,10 +13,9 @@ fine-tunes of both head types as the deltas of their bodies alone (every tensor 
 and probes that compare head types (such a set decodes bodies, not whole models).
 Deltas are standardised per tensor over the zoo (`tokenizer.Normalizer`), tokenized row-aligned
 (`tokenizer.TokenSpec`) and divided by their own scale: each checkpoint's RMS over its real token values
-(`DeltaSet.scales`). Fine-tuning deltas differ ~25x in size across learning rates (bundled zoo: RMS 0.09 to 2.1
-in standardised units), so an error that is small for a large delta swamps a small one; with each delta at unit
-scale, an error is relative to the model it belongs to (isotropic noise at 0.3x a model's own RMS keeps 0.98x
-of the zoo's test accuracy; `benchmarks/reconstruction.py`), and the scale is kept exactly beside the tokens.
+(`DeltaSet.scales`). Fine-tuning deltas differ by more than 10x in size across learning rates (bundled zoo),
+so an error that is small for a large delta swamps a small one; with each delta at unit scale, an error is
+relative to the model it belongs to, and the scale is kept exactly beside the tokens.
 `DeltaSet` holds them all in memory ([n, T, d] float32: a few MB for the bundled zoo).
 
 Shapes: n checkpoints, T tokens, d token width, P position fields.

@@ -305,7 +305,7 @@ def sample(
     generator: Generator,
     n: int,
     seed: int = 0,
-    method: str = "diffusion",
+    method: str = "mix",
     parent: str | None = None,
     target_acc: float | None = None,
     optimizer: str | None = None,

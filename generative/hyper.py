@@ -17,6 +17,7 @@ Shapes: n checkpoints, B batch, T tokens, d token width, k latent width, e embed
 from __future__ import annotations
 
 import hashlib
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,9 +46,12 @@ from vitzoo.tokenizer.normalize import Normalizer
 from vitzoo.tokenizer.spec import TokenSpec
 from vitzoo.tokenizer.symmetries import permutable_layers, random_permutation
 from vitzoo.tokenizer.tokens import detokenize, tokenize
+from vitzoo.zoo_builder.baselines import noise_around
 from vitzoo.zoo_builder.zoo import Zoo, ZooError
 
 FORMAT = "vitzoo-autoencoder-1"
+# shipped beside the bundled zoo: `vitzoo train bundled model=autoencoder` with the default config (README)
+BUNDLED_AUTOENCODER = Path(__file__).resolve().parent / "bundled" / "autoencoder.safetensors"
 StateDict = dict[str, torch.Tensor]
 
 
@@ -269,6 +273,49 @@ def reconstruct(bundle: AutoencoderBundle, indices: list[int], batch: int = 64) 
         tokens = bundle.model.decode_model(bundle.model.encode_model(data.tokens[chosen]))  # [b, T, d]
         out += [data.decode(t, data.conditions[i].family, data.scales[i]) for t, i in zip(tokens, chosen)]
     return out
+
+
+def reconstruction_rows(bundle: AutoencoderBundle, measure: Callable[[list[StateDict]], list[float | None]]) -> list:
+    """How well the autoencoder reconstructs the models it was trained on, per fine-tuning slot and overall.
+
+    Every training model's last checkpoint is encoded and decoded (no augmentation, no noise) and measured by
+    `measure` (accuracy on a split; None: could not be evaluated), beside the model itself and beside the
+    non-learned control at the same error: the model plus isotropic noise at exactly the reconstruction's
+    distance from it. Per slot: mean accuracy of the models, the reconstructions and the control; the
+    reconstruction / model ratio on the mean and the median of per-model ratios; the median relative weight
+    error ||reconstruction - w|| / ||w - w0||."""
+    data = bundle.data
+    last = {}
+    for i, entry in enumerate(data.entries):
+        last[entry.model_id] = i  # entries are sorted by epoch within a model: the last one wins
+    indices = sorted(last.values())
+    originals = [data.entries[i].state_dict() for i in indices]
+    rebuilt = reconstruct(bundle, indices)
+    keys = sorted(rebuilt[0])  # with head="all": the bodies
+    flat = lambda state_dict: torch.cat([state_dict[k].double().flatten() for k in keys])  # noqa: E731
+    distances = [(flat(r) - flat(o)).norm().item() for r, o in zip(rebuilt, originals)]
+    sizes = [(flat(o) - flat(data.inits[data.conditions[i].family])).norm().item() for o, i in zip(originals, indices)]
+    control = noise_around(originals, distances, keys, seed=0)
+    model_acc, rebuilt_acc, control_acc = measure(originals), measure(rebuilt), measure(control)
+    slots: dict[str, list[int]] = {}
+    for n, i in enumerate(indices):
+        factors = data.entries[i].factors
+        slots.setdefault(f"{factors['optimizer']} {factors['lr']:g}", []).append(n)
+    rows = []
+    for slot, members in [*sorted(slots.items()), ("all", list(range(len(indices))))]:
+        ok = [n for n in members if None not in (model_acc[n], rebuilt_acc[n], control_acc[n])]
+        if not ok:
+            continue
+        model, rebuilt_mean, control_mean = (statistics.mean(v[n] for n in ok) for v in (model_acc, rebuilt_acc,
+                                                                                            control_acc))  # fmt: skip
+        rows.append({
+            "slot": slot, "models": len(members), "unevaluated": len(members) - len(ok),
+            "model_acc": model, "reconstruction_acc": rebuilt_mean, "control_acc": control_mean,
+            "ratio_of_means": rebuilt_mean / model,
+            "median_ratio": statistics.median(rebuilt_acc[n] / model_acc[n] for n in ok if model_acc[n] > 0),
+            "median_relative_error": statistics.median(distances[n] / sizes[n] for n in ok),
+        })  # fmt: skip
+    return rows
 
 
 @torch.no_grad()

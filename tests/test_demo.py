@@ -19,9 +19,9 @@ def test_demo_runs_every_stage_and_resumes(tmp_path):
     assert "| Dirichlet mixtures (no learning) | 6 |" in first.stdout
     assert "| family diffusion, conditioned (learned) | 4 |" in first.stdout
     samples = Zoo.open(out / "samples")
-    assert len(samples) == 20 and {e.factors["method"] for e in samples} == {"mix", "diffusion", "pick"}
-    assert {e.factors["space"] for e in samples} == {"family"}
-    assert sum(e.factors["target_acc"] is not None for e in samples) == 8
+    assert len(samples) == 26 and {e.factors["method"] for e in samples} == {"mix", "diffusion", "pick", "kde"}
+    assert {e.factors["space"] for e in samples} == {"family", "latent"}
+    assert sum(e.factors.get("target_acc") is not None for e in samples) == 8
     results = json.loads((out / "results.json").read_text())
     for method in ("pick", "diffusion"):
         check = results["conditioning"][method]
@@ -33,7 +33,8 @@ def test_demo_runs_every_stage_and_resumes(tmp_path):
     assert names == ["zoo (fine-tuned)", "random init", "Gaussian baseline",
                      "Dirichlet mixtures (no learning)", noise, "family diffusion (learned)", noise,
                      "measure-and-pick, conditioned (no learning)", noise,
-                     "family diffusion, conditioned (learned)", noise]  # fmt: skip
+                     "family diffusion, conditioned (learned)", noise,
+                     "latent KDE of the hyper-representation (SANE)", noise]  # fmt: skip
     for name in ("report.md", "evaluation/novelty.png", "soups/report.md", "generator/generator.safetensors"):
         assert (out / name).stat().st_size > 0
 
@@ -107,7 +108,7 @@ def test_demo_on_an_imported_zoo_with_the_gpu_preset(tmp_path):
 
     out = tmp_path / "demo"
     settings = ["experiment=vit_s16_cifar100", "device=cpu", "generator.mixtures=12", "+generator.steps=30", "n=4",
-                "per_target=1", "finetune_epochs=0", f"out={out}", "threads=1", "progress=false"]  # fmt: skip
+                "pool=8", "per_target=1", "finetune_epochs=0", f"out={out}", "threads=1", "progress=false"]  # fmt: skip
     run = run_cli("demo", str(tmp_path / "zoo"), *settings, timeout=600)
     assert "| Dirichlet mixtures (no learning) | 4 |" in run.stdout
     assert "| family diffusion, conditioned (learned) | 4 |" in run.stdout

@@ -566,9 +566,9 @@ def verify_command(args: list[str]) -> None:
 def probe_command(args: list[str]) -> None:
     import torch
 
-    from vitzoo.generative.hyper import load_autoencoder
+    from vitzoo.generative.hyper import load_autoencoder, reconstruction_rows
     from vitzoo.generative.probe import probe
-    from vitzoo.zoo_builder.zoo import atomic_write_json, code_version
+    from vitzoo.zoo_builder.zoo import Zoo, atomic_write_json, code_version
 
     parser = argparse.ArgumentParser(prog="vitzoo probe", description=COMMANDS["probe"])
     parser.add_argument("autoencoder", help="autoencoder checkpoint (vitzoo train <zoo> model=autoencoder)")
@@ -584,9 +584,12 @@ def probe_command(args: list[str]) -> None:
         prepare_out("probe", out, options.overwrite)
         bundle = load_autoencoder(options.autoencoder, options.zoo)
         rows = probe(bundle)
+        dataset = Zoo.open(options.zoo or bundle.data.zoo_root).dataset
+        reconstruction = reconstruction_rows(bundle, measure_on(dataset, "test", bundle.data.num_heads, None))
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "results.json", {"autoencoder": options.autoencoder, "sha256": bundle.sha256,
-                                                 "code_version": code_version(), "rows": rows})  # fmt: skip
+                                                 "code_version": code_version(), "rows": rows,
+                                                 "reconstruction": reconstruction})  # fmt: skip
     lines = [
         f"# Property probes of {options.autoencoder}",
         "",
@@ -596,7 +599,18 @@ def probe_command(args: list[str]) -> None:
         "|---|---|---|---|",
         *[f"| {r['property']} | {r['metric']} | {r['embedding']:.3f} | {r['weight_statistics']:.3f} |" for r in rows],
         "",
-    ]
+        f"## Reconstruction of its training models ({dataset} test split, last checkpoints)",
+        "",
+        "Encode -> decode without noise, beside the model plus isotropic noise at the reconstruction's own distance.",
+        "",
+        "| slot | models | model acc | reconstruction | ratio (means) | ratio (median) | noise at same distance "
+        "| relative weight error |",
+        "|---|---|---|---|---|---|---|---|",
+        *[f"| {r['slot']} | {r['models']} | {r['model_acc']:.3f} | {r['reconstruction_acc']:.3f} | "
+          f"{r['ratio_of_means']:.3f} | {r['median_ratio']:.3f} | {r['control_acc']:.3f} | "
+          f"{r['median_relative_error']:.3f} |" for r in reconstruction],
+        "",
+    ]  # fmt: skip
     with one_line_errors("probe"):
         (out / "report.md").write_text("\n".join(lines))
     print((out / "report.md").read_text())

@@ -7,7 +7,8 @@ Stages (each writes its outputs, then records itself in `<out>/stages.json`; a r
               `retrain=true`, the shipped one's config)
 3. sample     `n` unconditioned draws by Dirichlet mixing and by the diffusion, and `per_target` draws at each
               of `targets` accuracies by measure-and-pick and by the diffusion, into `<out>/samples/` (the zoo
-              format; every entry's `.factors` holds its method, the space it was drawn in, and its condition)
+              format; every entry's `.factors` holds its method, the space it was drawn in, and its condition);
+              with `kde`, also `n` draws of SANE's latent KDE from the autoencoder shipped beside the bundled zoo
 4. evaluate   samples vs the zoo's models it was trained on vs the baselines, with `finetune_epochs` of
               fine-tuning (eval.compare), into `<out>/evaluation/`
 5. soups      the model-soup experiment on the zoo (eval.soups), into `<out>/soups/`
@@ -36,6 +37,7 @@ from vitzoo.eval.soups import write_soups
 from vitzoo.generative.checkpoint import read_checkpoint
 from vitzoo.generative.diffusion import DiffusionConfig
 from vitzoo.generative.generator import load_generator, sample, train_generator
+from vitzoo.generative.hyper import BUNDLED_AUTOENCODER, load_autoencoder, sample_kde
 from vitzoo.tokenizer.spec import TokenSpec
 from vitzoo.tokenizer.tokens import detokenize, tokenize
 from vitzoo.zoo_builder.zoo import Zoo, ZooError, atomic_write_json, code_version, write_sampled
@@ -74,7 +76,7 @@ def run_demo(cfg, shipped_generator: Path, measure, device: torch.device | str =
 
 
 def _config_key(cfg) -> dict:
-    keys = ("path", "retrain", "generator", "n", "targets", "per_target", "pool", "finetune_epochs", "align",
+    keys = ("path", "retrain", "generator", "n", "targets", "per_target", "pool", "kde", "finetune_epochs", "align",
             "token_width", "seed")  # fmt: skip
     return {k: OmegaConf.to_container(cfg[k]) if OmegaConf.is_config(cfg[k]) else cfg[k] for k in keys}
 
@@ -154,6 +156,12 @@ def _sample(cfg, zoo: Zoo, out: Path, context: Context) -> None:
             population["seconds"] += time.perf_counter() - tic
             samples += drawn
             parents += drawn_parents
+    if cfg.kde:  # the hyper-representation shipped beside the bundled zoo: SANE's latent KDE, unconditioned
+        tic = time.perf_counter()
+        drawn, drawn_parents = sample_kde(load_autoencoder(BUNDLED_AUTOENCODER, cfg.path), cfg.n, cfg.seed)
+        info["kde"] = {"redrawn_as_copies": 0, "seconds": time.perf_counter() - tic}
+        samples += drawn
+        parents += drawn_parents
     if (out / "samples").exists():  # a sampling stage that was interrupted while writing
         shutil.rmtree(out / "samples")
     write_sampled(out / "samples", generator.basis.architecture, generator.basis.dataset, samples, parents)
@@ -289,11 +297,12 @@ family's runs); time: seconds to generate and evaluate the population in this ru
 NOVELTY = ("copies", "median_nn_distance", "median_relative_distance", "median_agreement", "median_span_distance")
 
 
-LABELS = {
+LABELS = {  # the table's rows, in order: each non-learned reference before the learned generator it judges
     "mix": "Dirichlet mixtures (no learning)",
     "diffusion": "family diffusion (learned)",
     "pick (conditioned)": "measure-and-pick, conditioned (no learning)",
     "diffusion (conditioned)": "family diffusion, conditioned (learned)",
+    "kde": "latent KDE of the hyper-representation (SANE)",
 }
 
 
@@ -306,6 +315,8 @@ def summary_rows(comparison: dict, sampling_seconds: dict[str, float]) -> list[d
             for name, label in ((ZOO, "zoo (fine-tuned)"), (RANDOM, "random init"), (GAUSSIAN, "Gaussian baseline"))
             if name in by_name]  # fmt: skip
     sampled = [name for name in by_name if name not in (ZOO, RANDOM, GAUSSIAN) and not name.startswith(NOISE)]
+    order = list(LABELS)
+    sampled.sort(key=lambda name: order.index(name) if name in order else len(order))  # the table's fixed order
     for name in sampled:
         rows.append(_row(LABELS.get(name, name), by_name[name], sampling_seconds.get(name, 0.0)))
         noise = f"{NOISE} ({name})" if f"{NOISE} ({name})" in by_name else NOISE

@@ -162,6 +162,7 @@ class DemoConfig:
     targets: Optional[List[float]] = field(default_factory=lambda: [0.3, 0.5, 0.7, 0.9])
     per_target: int = 10  # per target and method (measure-and-pick, diffusion)
     pool: int = 300  # measure-and-pick: mixtures measured on validation per target
+    kde: bool = True  # also SANE's latent KDE from the autoencoder shipped beside the bundled zoo
     finetune_epochs: int = 1
     align: bool = True  # novelty after aligning heads and MLP units (one assignment problem per block and pair)
     token_width: int = 25  # the tokenize stage's token width (25: the bundled ViT's rows plus bias)
