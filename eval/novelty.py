@@ -116,17 +116,13 @@ class FamilySpans:
 
     def __init__(self, references: list[StateDict], families: list[tuple[StateDict, list[int]]], keys: list[str]):
         self.keys = keys
-        self.starts, self.bases, self.family_of = [], [], {}
-        flat = flatten(references, keys)  # [m, P]
-        self._references = flat
-        self._members = []
-        for f, (start, members) in enumerate(families):
-            origin = flatten([start], keys)[0]  # [P]
+        self.starts, self.bases = [], []  # per family: its start [P] and an orthonormal basis of its deltas [P, K]
+        self._references = flatten(references, keys)  # [m, P]
+        self._members = [members for _, members in families]
+        for start, members in families:
+            origin = flatten([start], keys)[0]
             self.starts.append(origin)
-            self.bases.append(_orthonormal(flat[members] - origin))  # [P, K]
-            self._members.append(members)
-            for j in members:
-                self.family_of[j] = f
+            self.bases.append(_orthonormal(self._references[members] - origin))
 
     def distances(self, state_dicts: list[StateDict]) -> torch.Tensor:
         """[n] distance of each model to the nearest family's span."""
