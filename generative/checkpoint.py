@@ -2,7 +2,8 @@
 
 Two kinds per model: the final checkpoint (EMA weights; metadata with `format`, the config and what the model
 decodes into) and the training state (model, EMA, optimizer state, step, extra tensors such as a measured training
-set), written atomically every few steps so that a rerun continues where a killed run stopped.
+set), written atomically every few steps so that a rerun continues where a killed run stopped. Both record the
+versions of torch, timm and diffusers that wrote them (`"versions"`; absent from checkpoints written before).
 
 Nothing in a checkpoint's metadata is trusted: the config must name every field with a value the config class
 accepts, and the loaders check what else they read (`CheckpointError` names the file and the field).
@@ -21,7 +22,7 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from vitzoo.errors import ConfigError
-from vitzoo.zoo_builder.zoo import ZooError, atomic_write_bytes
+from vitzoo.zoo_builder.zoo import ZooError, atomic_write_bytes, library_versions
 
 
 class CheckpointError(ZooError):
@@ -38,6 +39,9 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def write_checkpoint(path: Path, tensors: dict[str, torch.Tensor], metadata: dict) -> None:
+    """Every checkpoint and training state is written here; its metadata gets the library versions that wrote it
+    (`"versions"`, unless `metadata` already names them: a checkpoint rewritten keeps its record)."""
+    metadata = {"versions": library_versions(), **metadata}
     blob = save_safetensors({k: v.detach().cpu().contiguous() for k, v in tensors.items()},  # GPU states too
                             {"vitzoo": json.dumps(metadata, sort_keys=True)})  # fmt: skip
     atomic_write_bytes(path, blob)

@@ -43,6 +43,7 @@ from vitzoo.zoo_builder.zoo import (
     atomic_write_bytes,
     code_version,
     finite_or_none,
+    library_versions,
     locked,
     read_bounded,
     read_checkpoint,
@@ -174,6 +175,7 @@ def new_record(run: Run, training: dict) -> dict:
         "history": [],
         "checkpoints": [],
         "code_version": code_version(),
+        "versions": library_versions(),
     }
 
 

@@ -50,7 +50,7 @@ from vitzoo.zoo_builder.blueprint import OPTIMIZERS, Factors
 from vitzoo.zoo_builder.data import DATASETS
 from vitzoo.zoo_builder.data import info as dataset_info
 from vitzoo.zoo_builder.models import INIT_SCHEMES, Architecture, build_vit
-from vitzoo.zoo_builder.zoo import Zoo, ZooError, ZooWriter, code_version, finite_or_none
+from vitzoo.zoo_builder.zoo import Zoo, ZooError, ZooWriter, code_version, finite_or_none, library_versions
 
 
 class ImportErrorBadInput(VitzooError, ValueError):
@@ -458,6 +458,7 @@ def import_model(writer: ZooWriter, model: SourceModel, architecture: Architectu
         "history": model.history,
         "checkpoints": [],
         "code_version": code_version(),
+        "versions": library_versions(),
         "source": str(model.directory.resolve()),
         "source_config": model.config,
     }

@@ -1,7 +1,8 @@
 """The zoo format: a directory of safetensors checkpoints, run records and an index.
 
 ```
-zoo.json                                  format version, architecture, datasets, blueprints
+zoo.json                                  format version, architecture, datasets, blueprints, code and library
+                                          versions
 runs/<model_id>.json                      one record per model: stage, parent, factors, head, status,
                                           per-epoch metrics, its checkpoints (path, sha256)
 checkpoints/<model_id>/epoch_<NNNN>.safetensors   weights, timm key names, fp32
@@ -453,6 +454,7 @@ class ZooWriter:
                     "datasets": [],
                     "blueprints": [],
                     "created_by": code_version(),
+                    "versions": library_versions(),
                 }
             changed = not meta_path.exists()
             for name in datasets:
@@ -568,6 +570,24 @@ def code_version() -> str:
     return text
 
 
+LIBRARIES = ("torch", "timm", "diffusers")  # what the weights, the tokenizer's module types and the samplers depend on
+
+
+def library_versions() -> dict[str, str | None]:
+    """The installed versions of `LIBRARIES` (None for one not installed), as `"versions"` in every zoo.json, run
+    record and generator or autoencoder checkpoint. Readers never require them: artefacts written before they were
+    recorded have none."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in LIBRARIES:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
+
+
 def write_sampled(
     root: str | os.PathLike,
     architecture: Architecture,
@@ -620,6 +640,7 @@ def _write_sampled_records(root: Path, architecture: Architecture, dataset: str,
             "history": [],
             "checkpoints": [],
             "code_version": code_version(),
+            "versions": library_versions(),
         }
         writer.write_checkpoint(record, 0, {k: v.float().contiguous() for k, v in state_dict.items()})
         writer.write_record(record)
