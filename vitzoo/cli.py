@@ -39,6 +39,7 @@ COMMANDS = {
     "probe": "predict accuracy, epoch, lr, optimizer, parent from hyper-representations (vitzoo probe <autoencoder>)",
     "import": "read a foreign zoo layout into the zoo format (vitzoo import vitmodelzoo <src> <dst>)",
     "verify": "check every checkpoint of a zoo against its sha256 (vitzoo verify <zoo>)",
+    "export": "zoo models as timm / Hugging Face folders (vitzoo export <zoo> [model ids] out=<dir>)",
 }
 
 
@@ -53,6 +54,7 @@ OUTPUT_MARKERS = {
     "probe": ("report.md",),
     "train": ("train_state.safetensors", "generator.safetensors", "autoencoder.safetensors"),
     "demo": ("stages.json",),
+    "export": ("export.json",),
 }
 RESUMABLE = ("build", "train", "demo", "import")  # they check themselves that an existing out is the same run
 # errors of the file system that mean bad input or a full disk, not a bug
@@ -168,6 +170,8 @@ def main(argv: list[str] | None = None) -> None:
         probe_command(rest)
     elif command == "import":
         import_command(rest)
+    elif command == "export":
+        export_command(rest)
 
 
 # ------------------------------------------------------------------------------------------- hydra
@@ -629,6 +633,29 @@ def import_command(args: list[str]) -> None:
         prepare_out("import", Path(options.dst), options.overwrite)
         zoo = IMPORTERS[options.layout](Path(options.src), Path(options.dst))
     print(zoo.summary())
+
+
+def export_command(args: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="vitzoo export", description=COMMANDS["export"],
+                                     epilog="settings: out=<dir> (default runs/export), overwrite=true")  # fmt: skip
+    parser.add_argument("zoo", help="zoo or sampled-zoo folder, or 'bundled'")
+    parser.add_argument("models", nargs="*", help="model ids (default: every model), each at its last epoch")
+    options = parser.parse_args([arg for arg in args if "=" not in arg])
+    settings = {"out": "runs/export", "overwrite": "false"}
+    for key, value in (arg.split("=", 1) for arg in args if "=" in arg):
+        if key not in settings:
+            fail("export", f"unknown setting {key}=; settings: out=<dir>, overwrite=true")
+        settings[key] = value
+    if settings["overwrite"] not in ("true", "false"):
+        fail("export", f"overwrite must be true or false, got {settings['overwrite']!r}")
+    out = Path(settings["out"])
+    with one_line_errors("export"):
+        prepare_out("export", out, settings["overwrite"] == "true")
+        from vitzoo.zoo_builder.export import export  # torch and timm: after the cheap checks
+
+        folders = export(options.zoo, out, options.models)
+    print(f"{len(folders)} models exported to {out}; load one with timm.create_model('local-dir:{folders[0]}', "
+          "pretrained=True) (MLP heads: after import vitzoo.zoo_builder)")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -4,6 +4,10 @@ A zoo's architecture is a timm model name plus constructor kwargs (stored verbat
 each run adds its head (linear, or the paper's MLP `dim-hidden-ReLU-classes` as `nn.Sequential`, keys
 `head.0.*`/`head.2.*`) and number of outputs. Everything here is plain timm: `build_vit(...)` gives the
 model that `timm.create_model(name, **kwargs)` would, with the head swapped.
+
+timm's VisionTransformer has no option for an MLP head (its `head` is one Linear; `pre_logits` and
+`head_hidden_size` of other timm families use other pooling or a tanh), so importing this module registers one
+constructor with timm, `vitzoo_vit_mlp_head`: MLP-head models exported for timm (`vitzoo.zoo_builder.export`) name it.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from dataclasses import dataclass, field
 
 import timm
 import torch
+from timm.models import filter_pretrained_cfg, load_pretrained, register_model
+from timm.models.vision_transformer import checkpoint_filter_fn
 from torch import nn
 
 from vitzoo.errors import ConfigError
@@ -70,17 +76,56 @@ def build_vit(
         **architecture.kwargs,
     )
     if head == "mlp":
-        model.head = nn.Sequential(
-            nn.Linear(model.embed_dim, head_hidden), nn.ReLU(), nn.Linear(head_hidden, num_classes)
-        )
+        model.head = mlp_head(model.embed_dim, head_hidden, num_classes)
     return model
+
+
+def mlp_head(in_features: int, head_hidden: int, num_classes: int) -> nn.Sequential:
+    """The paper's MLP head `in-hidden-ReLU-classes` (keys `0.*`, `2.*`)."""
+    return nn.Sequential(nn.Linear(in_features, head_hidden), nn.ReLU(), nn.Linear(head_hidden, num_classes))
 
 
 def new_head(model: nn.Module, num_classes: int, head: str, head_hidden: int) -> nn.Module:
     """A freshly initialised head for fine-tuning, created with the current global RNG state."""
     if head == "linear":
         return nn.Linear(model.embed_dim, num_classes)
-    return nn.Sequential(nn.Linear(model.embed_dim, head_hidden), nn.ReLU(), nn.Linear(head_hidden, num_classes))
+    return mlp_head(model.embed_dim, head_hidden, num_classes)
+
+
+MLP_HEAD_MODEL = "vitzoo_vit_mlp_head"
+
+
+@register_model
+def vitzoo_vit_mlp_head(
+    pretrained: bool = False,
+    base: str = "vit_small_patch16_224",
+    head_hidden: int = 256,
+    pretrained_cfg: dict | str | None = None,
+    cache_dir: str | None = None,
+    **kwargs,
+) -> nn.Module:
+    """timm's ViT `base` built with `kwargs` (its own defaults for the rest), with the zoo's MLP head: the model
+    `build_vit(Architecture(base, kwargs), num_classes, "mlp", head_hidden)` gives, for timm to create.
+
+    It has no weights of its own: `pretrained=True` loads those of a `local-dir:` or `hf-hub:` export (its
+    `pretrained_cfg`) through timm's loader (strict, classifier `head.2` dropped when `num_classes` differs).
+    """
+    if pretrained and not isinstance(pretrained_cfg, dict):
+        raise ConfigError(f"{MLP_HEAD_MODEL} has no pretrained weights of its own; load an export of a zoo model "
+                          "with timm.create_model('local-dir:<folder>', pretrained=True)")  # fmt: skip
+    model = timm.create_model(base, pretrained=False, pretrained_cfg=pretrained_cfg, cache_dir=cache_dir, **kwargs)
+    if model.num_classes > 0:
+        model.head = mlp_head(model.embed_dim, head_hidden, model.num_classes)
+    cfg = model.pretrained_cfg
+    if not pretrained_cfg:  # base's own names base's weights (source, tag, format): they do not fit this head
+        cfg = {k: v for k, v in filter_pretrained_cfg(cfg, remove_source=True).items() if k != "tag"}
+        cfg["custom_load"] = False
+    model.pretrained_cfg = {**cfg, "architecture": MLP_HEAD_MODEL, "classifier": "head.2"}
+    model.default_cfg = model.pretrained_cfg  # timm's alias
+    if pretrained:
+        load_pretrained(model, model.pretrained_cfg, model.num_classes, model.in_chans, checkpoint_filter_fn,
+                        cache_dir=cache_dir)  # fmt: skip
+    return model
 
 
 def initialize_weights(model: nn.Module, scheme: str) -> None:
