@@ -124,9 +124,12 @@ class CoordinateDenoiser(nn.Module):
 
 
 def schedulers(config: DiffusionConfig) -> tuple[DDPMScheduler, DDIMScheduler]:
-    train = DDPMScheduler(
-        num_train_timesteps=config.timesteps, beta_schedule=config.schedule, prediction_type="v_prediction"
-    )
+    """Training (DDPM) and sampling (DDIM) schedulers. `clip_sample=False`: diffusers clips the predicted clean
+    sample to [-1, 1] by default (images in that range); standardised weights have unit variance, so a third of the
+    values lie outside it, and clipping them at every step pulled samples towards the mean (measured: latent
+    diffusion samples at 0.37 of the data's norm)."""
+    train = DDPMScheduler(num_train_timesteps=config.timesteps, beta_schedule=config.schedule,
+                          prediction_type="v_prediction", clip_sample=False)  # fmt: skip
     return train, DDIMScheduler.from_config(train.config)
 
 

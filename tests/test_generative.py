@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import run_cli
 
+from vitzoo.errors import ConfigError
 from vitzoo.generative.autoencoder import AutoencoderConfig, HyperAutoencoder, reconstruction_error
 from vitzoo.generative.data import DeltaSet
 from vitzoo.generative.diffusion import DiffusionConfig
@@ -427,3 +428,82 @@ def test_autoencoder_reconstructs_its_training_models_on_a_small_zoo(tmp_path):
     assert rows[-1]["median_ratio"] >= 0.95 and rows[-1]["ratio_of_means"] >= 0.95, rows[-1]
     for row in rows:
         assert row["ratio_of_means"] >= 0.9 and row["median_relative_error"] < 0.3, row
+
+
+TINY_LATENT = dict(
+    d_model=16, depth=1, heads=2, components=16, group=4, steps=6, batch_size=4, mixtures=6, timesteps=50
+)
+
+
+def test_latent_diffusion_resumes_and_retrains_to_the_same_bytes(tmp_path, monkeypatch):
+    from vitzoo.generative import latent
+
+    config = latent.LatentDiffusionConfig(**TINY_LATENT)
+    whole = latent.train_latent_diffusion(tmp_path / "whole", config, fake_measure, save_every=3, progress=False)
+    again = latent.train_latent_diffusion(tmp_path / "again", config, fake_measure, save_every=3, progress=False)
+    assert whole.read_bytes() == again.read_bytes()
+    original = latent.save_training_state
+
+    def crash_after_first_write(*args):
+        original(*args)
+        raise KeyboardInterrupt  # killed after step 3 was saved
+
+    monkeypatch.setattr(latent, "save_training_state", crash_after_first_write)
+    with pytest.raises(KeyboardInterrupt):
+        latent.train_latent_diffusion(tmp_path / "resumed", config, fake_measure, save_every=3, progress=False)
+    monkeypatch.setattr(latent, "save_training_state", original)
+    resumed = latent.train_latent_diffusion(tmp_path / "resumed", config, fake_measure, save_every=3, progress=False)
+    assert whole.read_bytes() == resumed.read_bytes()
+    with pytest.raises(ConfigError, match="mlp"):
+        latent.train_latent_diffusion(tmp_path / "mlp", config, fake_measure, head="mlp", progress=False)
+
+
+@pytest.mark.parametrize("components", [16, 0])  # principal coefficients, or the raw token latents
+def test_latent_diffusion_samples_whole_models_for_its_conditions(tmp_path, components):
+    from vitzoo.generative import latent
+
+    config = latent.LatentDiffusionConfig(**(TINY_LATENT | {"components": components, "group": 10}))
+    path = latent.train_latent_diffusion(tmp_path / "ld", config, fake_measure, progress=False)
+    generator = latent.load_latent_diffusion(path)
+    data = generator.bundle.data
+    # the training set: 300 checkpoints + 6 mixtures, so the accuracy range is the mixtures' and the runs' together
+    low, high = generator.stats["accuracy_min"], generator.stats["accuracy_max"]
+    assert low <= min(c.val_acc for c in data.conditions) and high >= max(c.val_acc for c in data.conditions)
+    parent = data.parents[3]
+    samples, parents = latent.sample_latent(generator, 3, seed=1, parent=parent, target_acc=(low + high) / 2,
+                                            optimizer="sgd", lr=1e-3, steps=4)  # fmt: skip
+    assert parents == [parent] * 3
+    first = data.entries[0].state_dict()
+    for state_dict, factors, head in samples:
+        assert sorted(state_dict) == sorted(first) and all(state_dict[k].shape == first[k].shape for k in first)
+        assert all(torch.isfinite(v).all() for v in state_dict.values())
+        assert (
+            factors["method"] == "latent_diffusion" and factors["space"] == "latent" and factors["optimizer"] == "sgd"
+        )
+        assert head["head"] == "linear"
+    again, _ = latent.sample_latent(generator, 3, seed=1, parent=parent, target_acc=(low + high) / 2,
+                                    optimizer="sgd", lr=1e-3, steps=4)  # fmt: skip
+    assert all(torch.equal(a[0][k], b[0][k]) for a, b in zip(samples, again) for k in first)
+    write_sampled(tmp_path / "samples", data.architecture, "digits", samples, parents)
+    Zoo.open(tmp_path / "samples")[0].model()
+    refused = (
+        ({"target_acc": high + 0.1}, "outside"),
+        ({"optimizer": "sgd"}, "together"),
+        ({"steps": 51}, "steps"),
+        ({"optimizer": "lion", "lr": 1e-3}, "not a trained condition"),
+        ({"parent": "nobody"}, "parent"),
+    )
+    for bad, message in refused:
+        with pytest.raises(ConditionError, match=message):
+            latent.sample_latent(generator, 1, **bad)
+
+
+def test_cli_trains_and_samples_a_latent_diffusion(tmp_path):
+    tiny = [f"model.{k}={v}" for k, v in TINY_LATENT.items()]  # its 6 mixtures measured by the evaluator
+    run_cli("train", "bundled", "model=latent_diffusion", *tiny, f"out={tmp_path / 'ld'}", "progress=false")
+    checkpoint = tmp_path / "ld" / "latent_diffusion.safetensors"
+    run_cli("sample", str(checkpoint), "n=2", "steps=3", f"out={tmp_path / 'samples'}")
+    sampled = Zoo.open(tmp_path / "samples")
+    assert len(sampled) == 2 and all(e.factors["method"] == "latent_diffusion" for e in sampled)
+    wrong = run_cli("sample", str(checkpoint), "method=mix", "n=2", f"out={tmp_path / 'x'}", check=False)
+    assert wrong.returncode == 2 and "latent diffusion" in wrong.stderr

@@ -423,6 +423,7 @@ def train_task(cfg) -> None:
 
     from vitzoo.generative.autoencoder import AutoencoderConfig
     from vitzoo.generative.diffusion import DiffusionConfig
+    from vitzoo.generative.latent import LatentDiffusionConfig
     from vitzoo.generative.runtime import close_runtime, start_runtime
     from vitzoo.zoo_builder.logger import make_logger
     from vitzoo.zoo_builder.zoo import Zoo
@@ -435,10 +436,12 @@ def train_task(cfg) -> None:
     logger = runtime = None
     try:
         name = model.pop("name", None)
-        if name not in ("diffusion", "autoencoder"):
-            raise ConfigError(f"model={name} is not available; models: diffusion, autoencoder")
+        configs = {"diffusion": DiffusionConfig, "autoencoder": AutoencoderConfig,
+                   "latent_diffusion": LatentDiffusionConfig}  # fmt: skip
+        if name not in configs:
+            raise ConfigError(f"model={name} is not available; models: {', '.join(configs)}")
         try:
-            config = DiffusionConfig(**model) if name == "diffusion" else AutoencoderConfig(**model)
+            config = configs[name](**model)
         except TypeError as error:  # an unknown field
             raise ConfigError(f"bad model config: {error}") from None
         zoo = Zoo.open(cfg.path)
@@ -453,6 +456,13 @@ def train_task(cfg) -> None:
                                  runtime.device)  # fmt: skip
             path = train_generator(zoo, out, config, measure, cfg.head, cfg.save_every, cfg.progress, log, runtime,
                                    cfg.sample_every, cfg.sample_n)  # fmt: skip
+        elif name == "latent_diffusion":
+            from vitzoo.generative.latent import train_latent_diffusion
+
+            measure = measure_on(zoo.dataset, "val", zoo.architecture.num_heads, cfg.data_root,
+                                 runtime.device)  # fmt: skip
+            path = train_latent_diffusion(out, config, measure, str(cfg.path), cfg.head, cfg.save_every,
+                                          cfg.progress, log, runtime)  # fmt: skip
         else:
             from vitzoo.generative.hyper import embedding_rows, load_autoencoder, train_autoencoder
 
@@ -519,13 +529,26 @@ def sample_task(cfg) -> None:
     from vitzoo.generative.generator import BUNDLED_GENERATOR, ConditionError, load_generator, sample
     from vitzoo.generative.hyper import FORMAT as AUTOENCODER_FORMAT
     from vitzoo.generative.hyper import load_autoencoder, sample_kde
+    from vitzoo.generative.latent import FORMAT as LATENT_FORMAT
+    from vitzoo.generative.latent import load_latent_diffusion, sample_latent
     from vitzoo.zoo_builder.zoo import Zoo, write_sampled
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     path = BUNDLED_GENERATOR if cfg.path == "bundled" else cfg.path  # read its format before loading
-    if checkpoint_format(path) == AUTOENCODER_FORMAT:
-        if cfg.method != "kde":
+    kind = checkpoint_format(path)
+    if kind == LATENT_FORMAT:
+        if cfg.method not in (None, "latent_diffusion"):
+            raise ConditionError(f"{path} is a latent diffusion: sample it with method=latent_diffusion (or none)")
+        if cfg.head is not None:
+            raise ConditionError("a latent diffusion samples its autoencoder's own head type: drop head=")
+        generator = load_latent_diffusion(path, cfg.zoo)
+        samples, parents = sample_latent(generator, cfg.n, cfg.seed, cfg.parent, cfg.target_acc, cfg.optimizer,
+                                         cfg.lr, cfg.guidance, cfg.steps)  # fmt: skip
+        data = generator.bundle.data
+        architecture, dataset, note = data.architecture, Zoo.open(cfg.zoo or data.zoo_root).dataset, ""
+    elif kind == AUTOENCODER_FORMAT:
+        if cfg.method not in (None, "kde"):
             raise ConditionError(f"{path} is an autoencoder: sample it with method=kde")
         if cfg.head is not None:
             raise ConditionError("method=kde samples the autoencoder's own head type: drop head=")
@@ -537,7 +560,7 @@ def sample_task(cfg) -> None:
         basis = generator.basis
         measure = measure_on(basis.dataset, "val", basis.architecture.num_heads, cfg.data_root)  # method=pick
         samples, parents, info = sample(
-            generator, cfg.n, cfg.seed, cfg.method, cfg.parent, cfg.target_acc, cfg.optimizer, cfg.lr,
+            generator, cfg.n, cfg.seed, cfg.method or "mix", cfg.parent, cfg.target_acc, cfg.optimizer, cfg.lr,
             cfg.guidance, cfg.steps, novel_only=cfg.novel_only, distance=cfg.distance, head=cfg.head,
             measure=measure, pool=cfg.pool,
         )  # fmt: skip

@@ -129,7 +129,9 @@ class TrainConfig:
 class SampleConfig:
     path: str = "???"  # the generator checkpoint; "bundled" = the one shipped beside the bundled zoo
     n: int = 100
-    method: str = "mix"  # mix | pick | diffusion | random | gaussian | noise (generators) | kde (autoencoders)
+    # null: the checkpoint's own (generator: mix; autoencoder: kde; latent diffusion: latent_diffusion);
+    # generators also take pick | diffusion | random | gaussian | noise
+    method: Optional[str] = None
     pool: int = 300  # pick: mixtures measured on validation per call
     data_root: Optional[str] = None  # pick: where the zoo's dataset lives, when not installed
     bandwidth: float = 0.2  # kde: noise in units of the anchors' latent std
@@ -163,6 +165,7 @@ class DemoConfig:
     per_target: int = 10  # per target and method (measure-and-pick, diffusion)
     pool: int = 300  # measure-and-pick: mixtures measured on validation per target
     kde: bool = True  # also SANE's latent KDE from the autoencoder shipped beside the bundled zoo
+    latent: bool = True  # also the latent diffusion shipped beside the bundled zoo (unconditioned and per target)
     finetune_epochs: int = 1
     align: bool = True  # novelty after aligning heads and MLP units (one assignment problem per block and pair)
     token_width: int = 25  # the tokenize stage's token width (25: the bundled ViT's rows plus bias)
