@@ -33,6 +33,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from vitzoo.errors import ConfigError, check_number
+from vitzoo.generative.data import HOLDOUTS
 from vitzoo.tokenizer.spec import POSITION_FIELDS, TokenSpec
 from vitzoo.zoo_builder.population import info_nce
 
@@ -53,6 +54,7 @@ class AutoencoderConfig:
     window: int = 0  # tokens per window; 0 = the whole sequence
     window_stride: int = 0  # whole-model encoding: a window starts every this many tokens (0 when window=0)
     projections: str = "per_position"  # shared | per_position: token <-> model-width maps, one for all or per token
+    holdout: str = "none"  # none | run | family: models kept out of training (generative/data.py held_out)
     steps: int = 3000
     batch_size: int = 16
     lr: float = 1e-3
@@ -83,6 +85,8 @@ class AutoencoderConfig:
             raise ConfigError(f"autoencoder permute must be true or false, got {self.permute!r}")
         if self.projections not in ("shared", "per_position"):
             raise ConfigError(f"projections must be shared or per_position, got {self.projections!r}")
+        if self.holdout not in HOLDOUTS:
+            raise ConfigError(f"holdout must be one of {', '.join(HOLDOUTS)}, got {self.holdout!r}")
         if self.pooling not in POOLINGS:
             raise ConfigError(f"pooling={self.pooling!r} is not one of {', '.join(POOLINGS)}")
         if not isinstance(self.window, int) or self.window < 0:

@@ -53,6 +53,31 @@ class Condition:
 
 OPTIMIZERS = ("adamw", "sgd")
 HEADS = (*MODEL_HEADS, "all")  # one head type, or every fine-tune of both
+HOLDOUTS = ("none", "run", "family")
+
+
+def held_out(entries: list, holdout: str) -> set[str]:
+    """The model ids a `holdout` rule keeps out of training, a deterministic function of the zoo: "run" holds out
+    one run per family (family i, in sorted order, loses its run in slot i mod K, so every slot is held out
+    somewhere), "family" every family i with i mod 5 == 0 (all its runs: a head seed of its parent never seen);
+    "none" nothing."""
+    if holdout not in HOLDOUTS:
+        raise ConfigError(f"holdout must be one of {', '.join(HOLDOUTS)}, got {holdout!r}")
+    if holdout == "none":
+        return set()
+    families: dict[tuple, dict[tuple, str]] = {}
+    for entry in entries:
+        slot = (entry.factors["optimizer"], float(entry.factors["lr"]))
+        families.setdefault(family_key(entry.factors, entry.parent_id), {})[slot] = entry.model_id
+    slots = sorted({slot for members in families.values() for slot in members})
+    held = set()
+    for i, key in enumerate(sorted(families)):
+        members = families[key]
+        if holdout == "family" and i % 5 == 0:
+            held |= set(members.values())
+        elif holdout == "run" and slots[i % len(slots)] in members:
+            held.add(members[slots[i % len(slots)]])
+    return held
 
 
 def body(state_dict: StateDict) -> StateDict:
@@ -64,11 +89,23 @@ class DeltaSet:
     """Every kept checkpoint of a zoo's finished fine-tunes, as normalised delta tokens (see module docstring)."""
 
     def __init__(
-        self, zoo: Zoo, head: str = "linear", spec: TokenSpec | None = None, normalizer: Normalizer | None = None
+        self,
+        zoo: Zoo,
+        head: str = "linear",
+        spec: TokenSpec | None = None,
+        normalizer: Normalizer | None = None,
+        holdout: str = "none",
+        part: str = "train",
     ):
+        """`holdout` (see `held_out`) and `part`: the training models ("train") or those held out ("held_out"; pass
+        the training set's spec and normalizer)."""
         if head not in HEADS:
             raise ConfigError(f"head must be one of {', '.join(HEADS)}, got {head!r}")
+        if part not in ("train", "held_out"):
+            raise ConfigError(f"part must be train or held_out, got {part!r}")
         entries = list(zoo.filter(stage="finetune", status="done", **({} if head == "all" else {"head": head})))
+        held = held_out(entries, holdout)
+        entries = [e for e in entries if (e.model_id in held) == (part == "held_out")]
         if len(entries) < 2:
             raise ZooError(
                 f"{zoo.root} has {len(entries)} finished fine-tuned checkpoints with head={head}; generators need more"

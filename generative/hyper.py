@@ -16,6 +16,7 @@ Shapes: n checkpoints, B batch, T tokens, d token width, k latent width, e embed
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import statistics
 import time
@@ -158,7 +159,7 @@ def train_autoencoder(
     preparing_since = time.perf_counter()
     runtime = runtime or Runtime()
     out.mkdir(parents=True, exist_ok=True)
-    data = DeltaSet(zoo, head)
+    data = DeltaSet(zoo, head, holdout=config.holdout)
     layers = permutable_layers(detokenize(data.tokens[0], data.spec), data.num_heads)
     state_path = out / "train_state.safetensors"
     part = runtime.share(config.batch_size)
@@ -235,7 +236,7 @@ def load_autoencoder(path: str | Path, zoo: str | None = None) -> AutoencoderBun
     """An autoencoder checkpoint and its training data, rebuilt from its zoo and checked checkpoint by checkpoint."""
     path = Path(path)
     # written before pooling and windows were options: those pooled the mean over the whole sequence
-    legacy = {"pooling": "mean", "window": 0, "window_stride": 0, "projections": "shared"}
+    legacy = {"pooling": "mean", "window": 0, "window_stride": 0, "projections": "shared", "holdout": "none"}
     weights, metadata, config = open_checkpoint(path, FORMAT, AutoencoderConfig, legacy)
     recorded = require(metadata, "data", dict, path)
     for key in ("zoo", "head"):
@@ -245,7 +246,7 @@ def load_autoencoder(path: str | Path, zoo: str | None = None) -> AutoencoderBun
         normalizer = Normalizer(**require(metadata, "normalizer", dict, path))
     except (KeyError, TypeError) as error:  # a field missing from or foreign to the recorded spec or normaliser
         raise CheckpointError(f"{path}: its token spec or normaliser is incomplete ({error})") from None
-    data = DeltaSet(Zoo.open(zoo or recorded["zoo"]), recorded["head"], spec, normalizer)
+    data = DeltaSet(Zoo.open(zoo or recorded["zoo"]), recorded["head"], spec, normalizer, config.holdout)
     if describe(data) | {"zoo": recorded["zoo"]} != recorded:
         raise ZooError(f"{path} was trained on other checkpoints than {zoo or recorded['zoo']} holds now")
     model = HyperAutoencoder(spec, config)
@@ -273,6 +274,16 @@ def reconstruct(bundle: AutoencoderBundle, indices: list[int], batch: int = 64) 
         tokens = bundle.model.decode_model(bundle.model.encode_model(data.tokens[chosen]))  # [b, T, d]
         out += [data.decode(t, data.conditions[i].family, data.scales[i]) for t, i in zip(tokens, chosen)]
     return out
+
+
+def held_out_bundle(bundle: AutoencoderBundle, zoo: str | None = None) -> AutoencoderBundle | None:
+    """The same autoencoder over the models its `holdout` kept out of training (None when it held none out)."""
+    if bundle.config.holdout == "none":
+        return None
+    data = bundle.data
+    held = DeltaSet(Zoo.open(zoo or data.zoo_root), data.head, data.spec, data.normalizer, bundle.config.holdout,
+                    "held_out")  # fmt: skip
+    return dataclasses.replace(bundle, data=held)
 
 
 def reconstruction_rows(bundle: AutoencoderBundle, measure: Callable[[list[StateDict]], list[float | None]]) -> list:

@@ -184,7 +184,9 @@ def test_cli_trains_both_models_and_samples_and_probes_the_autoencoder(tmp_path)
     sampled = Zoo.open(tmp_path / "kde")
     assert len(sampled) == 3 and all(e.factors["method"] == "kde" for e in sampled)
     sampled[0].model()
-    wrong = run_cli("sample", str(checkpoint), "n=3", f"out={tmp_path / 'x'}", check=False)
+    run_cli("sample", str(checkpoint), "n=2", f"out={tmp_path / 'kde-default'}")  # an autoencoder's own: kde
+    assert {e.factors["method"] for e in Zoo.open(tmp_path / "kde-default")} == {"kde"}
+    wrong = run_cli("sample", str(checkpoint), "method=mix", "n=3", f"out={tmp_path / 'x'}", check=False)
     assert wrong.returncode == 2 and "method=kde" in wrong.stderr
     probe = run_cli("probe", str(checkpoint), "--out", str(tmp_path / "probe"))
     assert "| test accuracy | R2 |" in probe.stdout and (tmp_path / "probe" / "results.json").exists()
@@ -507,3 +509,25 @@ def test_cli_trains_and_samples_a_latent_diffusion(tmp_path):
     assert len(sampled) == 2 and all(e.factors["method"] == "latent_diffusion" for e in sampled)
     wrong = run_cli("sample", str(checkpoint), "method=mix", "n=2", f"out={tmp_path / 'x'}", check=False)
     assert wrong.returncode == 2 and "latent diffusion" in wrong.stderr
+
+
+def test_holdout_keeps_one_run_per_family_or_whole_families_out_of_training(tmp_path):
+    from collections import Counter
+
+    from vitzoo.generative.data import held_out
+    from vitzoo.generative.hyper import held_out_bundle
+
+    entries = list(Zoo.open("bundled").filter(stage="finetune", status="done", epoch="last", head="linear"))
+    runs = held_out(entries, "run")
+    by_id = {e.model_id: e for e in entries}
+    families = Counter((by_id[m].parent_id, by_id[m].factors["seed"]) for m in runs)
+    slots = Counter((by_id[m].factors["optimizer"], by_id[m].factors["lr"]) for m in runs)
+    assert len(runs) == 20 and set(families.values()) == {1} and len(slots) == 6  # one per family, every slot
+    assert len(held_out(entries, "family")) == 4 * 6 and held_out(entries, "none") == set()
+    with pytest.raises(ConfigError, match="holdout"):
+        held_out(entries, "parent")
+    config = AutoencoderConfig(**TINY_AUTOENCODER, steps=2, holdout="run")
+    bundle = load_autoencoder(train_autoencoder(Zoo.open("bundled"), tmp_path / "ae", config, progress=False))
+    assert not {e.model_id for e in bundle.data.entries} & runs
+    held = held_out_bundle(bundle)
+    assert {e.model_id for e in held.data.entries} == runs and held.data.normalizer is bundle.data.normalizer

@@ -593,7 +593,7 @@ def verify_command(args: list[str]) -> None:
 def probe_command(args: list[str]) -> None:
     import torch
 
-    from vitzoo.generative.hyper import load_autoencoder, reconstruction_rows
+    from vitzoo.generative.hyper import held_out_bundle, load_autoencoder, reconstruction_rows
     from vitzoo.generative.probe import probe
     from vitzoo.zoo_builder.zoo import Zoo, atomic_write_json, code_version
 
@@ -612,7 +612,13 @@ def probe_command(args: list[str]) -> None:
         bundle = load_autoencoder(options.autoencoder, options.zoo)
         rows = probe(bundle)
         dataset = Zoo.open(options.zoo or bundle.data.zoo_root).dataset
-        reconstruction = reconstruction_rows(bundle, measure_on(dataset, "test", bundle.data.num_heads, None))
+        measure = measure_on(dataset, "test", bundle.data.num_heads, None)
+        reconstruction = {"training models": reconstruction_rows(bundle, measure)}
+        held = held_out_bundle(bundle, options.zoo)
+        if held is not None:
+            reconstruction[f"models held out of training (holdout={bundle.config.holdout})"] = reconstruction_rows(
+                held, measure
+            )
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "results.json", {"autoencoder": options.autoencoder, "sha256": bundle.sha256,
                                                  "code_version": code_version(), "rows": rows,
@@ -626,18 +632,22 @@ def probe_command(args: list[str]) -> None:
         "|---|---|---|---|",
         *[f"| {r['property']} | {r['metric']} | {r['embedding']:.3f} | {r['weight_statistics']:.3f} |" for r in rows],
         "",
-        f"## Reconstruction of its training models ({dataset} test split, last checkpoints)",
-        "",
-        "Encode -> decode without noise, beside the model plus isotropic noise at the reconstruction's own distance.",
-        "",
-        "| slot | models | model acc | reconstruction | ratio (means) | ratio (median) | noise at same distance "
-        "| relative weight error |",
-        "|---|---|---|---|---|---|---|---|",
-        *[f"| {r['slot']} | {r['models']} | {r['model_acc']:.3f} | {r['reconstruction_acc']:.3f} | "
-          f"{r['ratio_of_means']:.3f} | {r['median_ratio']:.3f} | {r['control_acc']:.3f} | "
-          f"{r['median_relative_error']:.3f} |" for r in reconstruction],
-        "",
-    ]  # fmt: skip
+    ]
+    for which, table in reconstruction.items():
+        lines += [
+            f"## Reconstruction of its {which} ({dataset} test split, last checkpoints)",
+            "",
+            "Encode -> decode without noise, beside the model plus isotropic noise at the reconstruction's own "
+            "distance.",
+            "",
+            "| slot | models | model acc | reconstruction | ratio (means) | ratio (median) | noise at same distance "
+            "| relative weight error |",
+            "|---|---|---|---|---|---|---|---|",
+            *[f"| {r['slot']} | {r['models']} | {r['model_acc']:.3f} | {r['reconstruction_acc']:.3f} | "
+              f"{r['ratio_of_means']:.3f} | {r['median_ratio']:.3f} | {r['control_acc']:.3f} | "
+              f"{r['median_relative_error']:.3f} |" for r in table],
+            "",
+        ]  # fmt: skip
     with one_line_errors("probe"):
         (out / "report.md").write_text("\n".join(lines))
     print((out / "report.md").read_text())
