@@ -20,7 +20,7 @@ import torch
 
 from vitzoo.eval.evaluation import evaluate
 from vitzoo.eval.finetune import FinetuneRecipe, finetune_curves
-from vitzoo.eval.novelty import COPY_RATIO, NoveltyReference, summarize
+from vitzoo.eval.novelty import COPY_RATIO, NoveltyReference, shared_keys, summarize
 from vitzoo.zoo_builder.baselines import gaussian, noise_around, random_init
 from vitzoo.zoo_builder.data import load_split
 from vitzoo.zoo_builder.families import family_starts
@@ -95,6 +95,7 @@ def compare(
         for name in tuned:
             for member in populations[name]:
                 member["finetune"] = curves.get(member["name"])
+    _embed(populations, [ZOO, *sampled], seed)
     rows = [_summary_row(name, members, timings.get(name)) for name, members in populations.items()]
     return {
         "samples": str(samples.root),
@@ -208,6 +209,30 @@ def _summary_row(name: str, members: list[dict], seconds: float | None) -> dict:
     return row
 
 
+EMBEDDING_COORDINATES = 100_000  # weights per model the embedding reads (a fixed random subset of larger models)
+
+
+def _embed(populations: dict, names: list[str], seed: int) -> None:
+    """Set `member["embedding"]` = [x, y] for every evaluated member of the named populations: their first two
+    principal components, fitted jointly on all of them (the zoo and every sampled population; the random-init
+    and Gaussian baselines lie ~15x farther away and would squash the picture). Raw weights, no alignment."""
+    members = [m for name in names for m in populations[name] if m.get("error") is None]
+    keys = shared_keys([m["state_dict"] for m in members])
+    size = sum(members[0]["state_dict"][k].numel() for k in keys)
+    chosen = None
+    if size > EMBEDDING_COORDINATES:
+        chosen = torch.randperm(size, generator=torch.Generator().manual_seed(seed))[:EMBEDDING_COORDINATES]
+    rows = []
+    for member in members:
+        flat = torch.cat([member["state_dict"][k].double().flatten() for k in keys])
+        rows.append(flat if chosen is None else flat[chosen])
+    weights = torch.stack(rows)  # [models, P]
+    centred = weights - weights.mean(dim=0)
+    _, _, directions = torch.linalg.svd(centred, full_matrices=False)
+    for member, point in zip(members, (centred @ directions[:2].T).tolist()):
+        member["embedding"] = point
+
+
 def _public(member: dict) -> dict:
     return {k: v for k, v in member.items() if k not in ("state_dict", "predictions", "entry", "load_error")}
 
@@ -244,7 +269,7 @@ def table(rows: list[dict]) -> list[str]:
 
 
 def write_comparison(comparison: dict, out: Path, config: dict | None = None) -> Path:
-    """results.json, report.md, accuracy.png, novelty.png (and finetune.png) in `out`."""
+    """results.json, report.md, accuracy.png, novelty.png, embedding.png (and finetune.png) in `out`."""
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "results.json", {**comparison, "config": config})
     _plots(comparison, out)
@@ -273,6 +298,8 @@ def write_comparison(comparison: dict, out: Path, config: dict | None = None) ->
         "![accuracy](accuracy.png)",
         "",
         "![novelty](novelty.png)",
+        "",
+        "![weight space](embedding.png)",
         "",
     ]
     if comparison["finetune"]:
@@ -325,6 +352,27 @@ def _plots(comparison: dict, out: Path) -> None:
     figure.tight_layout()
     figure.savefig(out / "novelty.png", dpi=100)
     plt.close(figure)
+
+    embedded = {name: [m for m in by_population[name] if m.get("embedding")] for name in names}
+    if any(embedded.values()):
+        figure, (left, right) = plt.subplots(1, 2, figsize=(12, 5))
+        for name, members in embedded.items():
+            if members:
+                x, y = zip(*(m["embedding"] for m in members))
+                left.scatter(x, y, s=30 if name == ZOO else 10, alpha=0.8 if name == ZOO else 0.5, label=name,
+                             marker="s" if name == ZOO else "o", color="k" if name == ZOO else None)  # fmt: skip
+        everyone = [m for members in embedded.values() for m in members if m.get("accuracy") is not None]
+        x, y = zip(*(m["embedding"] for m in everyone))
+        points = right.scatter(x, y, s=10, c=[m["accuracy"] for m in everyone], cmap="viridis", vmin=0, vmax=1)
+        figure.colorbar(points, ax=right, label=f"{comparison['split']} accuracy")
+        for axis, title in ((left, "population"), (right, "accuracy")):
+            axis.set_xlabel("PC 1 (weights)")
+            axis.set_ylabel("PC 2")
+            axis.set_title(f"zoo and samples in one weight-space PCA, by {title}")
+        left.legend(fontsize=7)
+        figure.tight_layout()
+        figure.savefig(out / "embedding.png", dpi=100)
+        plt.close(figure)
 
     curves = {r["population"]: r["finetune_mean_acc"] for r in comparison["rows"] if r.get("finetune_mean_acc")}
     if curves:

@@ -197,3 +197,8 @@ def test_cli_evaluate_samples_with_reference_and_finetuning(tmp_path, tiny_zoo):
     assert len(rows["noisy"]["finetune_mean_acc"]) == 2
     assert (out / "novelty.png").stat().st_size > 0 and (out / "finetune.png").stat().st_size > 0
     assert "| noisy | 4 |" in (out / "report.md").read_text()
+    # one weight-space PCA of zoo and samples together: centred principal coordinates, PC 1 the wider
+    points = torch.tensor([m["embedding"] for m in results["models"]])  # [8, 2]
+    assert points.shape == (8, 2) and (out / "embedding.png").stat().st_size > 0
+    assert points.mean(dim=0).abs().max() < 1e-6 * points.abs().max()
+    assert points[:, 0].var() >= points[:, 1].var() > 0
