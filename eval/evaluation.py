@@ -66,7 +66,7 @@ def evaluate(
 
     Args:
         models: a zoo (its entries), or (name, state_dict) pairs of timm ViTs.
-        num_heads: attention heads, for state dicts only (weights cannot tell; see tokenizer.architecture).
+        num_heads: attention heads, for state dicts only (weights cannot tell; see zoo_builder.architecture).
         mode: "vmap" (many models per forward pass), "loop" (one model at a time) or "auto" (vmap on CUDA).
     """
     if mode not in ("auto", "vmap", "loop"):
@@ -115,7 +115,7 @@ def evaluate(
 def _candidates(models, num_heads: int | None) -> list[_Candidate]:
     if isinstance(models, Zoo):
         return [_entry_candidate(entry) for entry in models]
-    from vitzoo.tokenizer.architecture import vit_from_state_dict
+    from vitzoo.zoo_builder.architecture import vit_from_state_dict
 
     candidates = []
     for name, state_dict in models:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from vitzoo.errors import ConfigError
+from vitzoo.zoo_builder.architecture import head_from_state_dict
 from vitzoo.zoo_builder.blueprint import Factors
 from vitzoo.zoo_builder.models import Architecture
 from vitzoo.zoo_builder.population import PopulationTrainer
@@ -31,14 +32,6 @@ class FinetuneRecipe:
     seed: int = 0
 
 
-def head_of(state_dict: StateDict) -> dict:
-    """The head description ({"head", "head_hidden", "num_classes"}) a state dict's shapes imply."""
-    if "head.weight" in state_dict:
-        return {"head": "linear", "head_hidden": 0, "num_classes": state_dict["head.weight"].shape[0]}
-    return {"head": "mlp", "head_hidden": state_dict["head.0.weight"].shape[0],
-            "num_classes": state_dict["head.2.weight"].shape[0]}  # fmt: skip
-
-
 def finetune_curves(
     models: list[tuple[str, StateDict]],
     architecture: Architecture,
@@ -54,7 +47,7 @@ def finetune_curves(
     device = torch.device(device)
     groups: dict[tuple, list[int]] = {}
     for i, (_, state_dict) in enumerate(models):
-        groups.setdefault(tuple(sorted(head_of(state_dict).items())), []).append(i)
+        groups.setdefault(tuple(sorted(head_from_state_dict(state_dict).items())), []).append(i)
     curves: dict[str, list[float]] = {}
     for key, members in groups.items():
         head = dict(key)
@@ -62,7 +55,7 @@ def finetune_curves(
             Factors(
                 seed=recipe.seed + i, optimizer=recipe.optimizer, lr=recipe.lr, weight_decay=recipe.weight_decay,
                 batch_size=recipe.batch_size, epochs=max(recipe.epochs, 1), head=head["head"],
-                head_hidden=head["head_hidden"] or 32, dataset=dataset, init="torch",
+                head_hidden=head["head_hidden"], dataset=dataset, init="torch",
             )
             for i in members
         ]  # fmt: skip

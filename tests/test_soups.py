@@ -94,7 +94,7 @@ def test_soups_of_an_imported_vit_s16_zoo_use_timms_heads_and_leave_out_what_can
 
     from vitzoo.eval import soups
     from vitzoo.eval.evaluation import Result
-    from vitzoo.tokenizer.architecture import vit_from_state_dict
+    from vitzoo.zoo_builder.architecture import vit_from_state_dict
     from vitzoo.zoo_builder.models import Architecture
 
     assert Architecture("vit_small_patch16_224", {}).num_heads == 6

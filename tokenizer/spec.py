@@ -112,9 +112,12 @@ class TokenSpec:
             num_heads: attention heads per block; shapes cannot tell it. When omitted, timm's convention of
                 64-wide heads is assumed only if the width divides by 64, else this is an error.
         """
-        from vitzoo.tokenizer.architecture import vit_from_state_dict
+        from vitzoo.zoo_builder.architecture import ArchitectureError, vit_from_state_dict
 
-        model = vit_from_state_dict(state_dict, num_heads)
+        try:
+            model = vit_from_state_dict(state_dict, num_heads)
+        except ArchitectureError as error:
+            raise TokenizerError(str(error)) from None
         spec = cls.from_model(model, width)
         spec.check_state_dict(state_dict)
         return spec

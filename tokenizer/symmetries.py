@@ -19,7 +19,7 @@ from scipy.optimize import linear_sum_assignment
 from timm.layers import Mlp
 from timm.models.vision_transformer import Attention
 
-from vitzoo.tokenizer.architecture import vit_from_state_dict
+from vitzoo.zoo_builder.architecture import vit_from_state_dict
 
 
 @dataclass

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import pickle
 import re
@@ -46,6 +45,7 @@ from pathlib import Path, PurePosixPath
 import torch
 
 from vitzoo.errors import VitzooError
+from vitzoo.zoo_builder.architecture import ArchitectureError, head_from_state_dict, vit_kwargs_from_state_dict
 from vitzoo.zoo_builder.blueprint import OPTIMIZERS, Factors
 from vitzoo.zoo_builder.data import DATASETS
 from vitzoo.zoo_builder.data import info as dataset_info
@@ -61,7 +61,6 @@ class ImportErrorBadInput(VitzooError, ValueError):
 
 CHECKPOINT_DIR = re.compile(r"checkpoint_(\d+)")
 METRIC = re.compile(r"(train|val|test)_\w+")
-BLOCK_KEY = re.compile(r"blocks\.(\d+)\.")
 MODEL_NAME = "vit_small_patch16_224"
 # timm's vit_small_patch16_224 constructor defaults; an imported architecture stores only what differs
 VIT_SMALL = {
@@ -332,50 +331,28 @@ def _refused(error: pickle.UnpicklingError) -> str:
 
 
 def infer_architecture(state: dict[str, torch.Tensor], num_heads: int | None, path: Path) -> Architecture:
-    """The timm ViT whose parameters have these shapes (kwargs: only what differs from ViT-S/16)."""
+    """The timm ViT whose parameters have these shapes (`zoo_builder.architecture`; kwargs: only what differs from
+    ViT-S/16, of the settings a published zoo varies)."""
     try:
-        dim = state["cls_token"].shape[-1]  # (1, 1, d)
-        tokens = state["pos_embed"].shape[1]  # (1, 1 + (img/p)^2, d)
-        in_chans, patch = state["patch_embed.proj.weight"].shape[1:3]  # (d, c, p, p)
-        hidden = state["blocks.0.mlp.fc1.weight"].shape[0]  # (d * mlp_ratio, d)
-    except KeyError as missing:
-        raise ImportErrorBadInput(f"{path}: not a timm ViT state_dict (no {missing.args[0]!r})") from None
-    grid = math.isqrt(tokens - 1)
-    if grid * grid != tokens - 1:
-        raise ImportErrorBadInput(f"{path}: pos_embed has {tokens} tokens, not 1 class token + a square grid")
-    if num_heads is None:
-        if dim % 64:
-            raise ImportErrorBadInput(
-                f"{path}: cannot infer num_heads for embed_dim {dim}; give model::num_heads in config.json"
-            )
-        num_heads = dim // 64
-    if num_heads < 1 or dim % num_heads:
-        raise ImportErrorBadInput(f"{path}: num_heads {num_heads} does not divide embed_dim {dim}")
-    values = {
-        "img_size": grid * patch,
-        "patch_size": patch,
-        "in_chans": in_chans,
-        "embed_dim": dim,
-        "depth": len({int(m.group(1)) for k in state if (m := BLOCK_KEY.match(k))}),
-        "num_heads": num_heads,
-        "mlp_ratio": hidden / dim,
-        "qkv_bias": "blocks.0.attn.qkv.bias" in state,
-    }
+        found = vit_kwargs_from_state_dict(state, num_heads)
+    except ArchitectureError as error:
+        raise ImportErrorBadInput(f"{path}: {error}") from None
+    if not found["class_token"] or found["no_embed_class"]:
+        raise ImportErrorBadInput(f"{path}: pos_embed must hold 1 class token + a square grid, as timm's ViT-S/16")
+    heads, width = found["num_heads"], found["embed_dim"]
+    if heads < 1 or width % heads:
+        raise ImportErrorBadInput(f"{path}: num_heads {heads} does not divide embed_dim {width}")
+    square = {"img_size": found["img_size"][0], "patch_size": found["patch_size"][0]}  # timm's ViT-S/16 takes ints
+    values = {key: square.get(key, found[key]) for key in VIT_SMALL}
     return Architecture(MODEL_NAME, {k: v for k, v in values.items() if v != VIT_SMALL[k]})
 
 
 def infer_head(state: dict[str, torch.Tensor], path: Path) -> dict:
-    """{"head", "head_hidden", "num_classes"} from the head's shapes: `head.*` is linear, `head.0/head.2` the MLP
-    (hidden = head.0's output size); a linear head records the Factors default as its (unused) hidden size."""
-    if "head.weight" in state:  # (classes, d)
-        return {"head": "linear", "head_hidden": Factors().head_hidden, "num_classes": state["head.weight"].shape[0]}
-    if "head.0.weight" in state and "head.2.weight" in state:  # (hidden, d), (classes, hidden)
-        return {
-            "head": "mlp",
-            "head_hidden": state["head.0.weight"].shape[0],
-            "num_classes": state["head.2.weight"].shape[0],
-        }
-    raise ImportErrorBadInput(f"{path}: no classification head (head.weight, or head.0/head.2 for an MLP)")
+    """{"head", "head_hidden", "num_classes"} from the head's shapes (`zoo_builder.architecture`)."""
+    try:
+        return head_from_state_dict(state)
+    except ArchitectureError as error:
+        raise ImportErrorBadInput(f"{path}: {error}") from None
 
 
 def check_fits(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path, what: str) -> None:
