@@ -2,9 +2,11 @@
 weights, for samples, from-scratch models and zoo models alike.
 
 The models are trained together by the zoo builder's `PopulationTrainer` (stacked weights, one vmapped step;
-the same code, optimizer and data order as the zoo's own training), one population per head structure. Every
-model gets the same recipe (optimizer, learning rate, batch size) and its own data order from `seed + i`, so
-the comparison isolates where the weights start.
+the same code, optimizer and data order as the zoo's own training), one population per head structure and at
+most `POPULATION` models (a model trains to the same weights in any population, and activations grow with the
+population: the demo's ~500 models at once peaked at 4.2 GB). Every model gets the same recipe (optimizer,
+learning rate, batch size) and its own data order from `seed + i`, so the comparison isolates where the weights
+start.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from vitzoo.zoo_builder.models import Architecture
 from vitzoo.zoo_builder.population import PopulationTrainer
 
 StateDict = dict[str, torch.Tensor]
+POPULATION = 64  # models trained together at most
 
 
 @dataclass
@@ -49,7 +52,9 @@ def finetune_curves(
     for i, (_, state_dict) in enumerate(models):
         groups.setdefault(tuple(sorted(head_from_state_dict(state_dict).items())), []).append(i)
     curves: dict[str, list[float]] = {}
-    for key, members in groups.items():
+    chunks = [(key, members[start : start + POPULATION]) for key, members in groups.items()
+              for start in range(0, len(members), POPULATION)]  # fmt: skip
+    for key, members in chunks:
         head = dict(key)
         factors = [
             Factors(

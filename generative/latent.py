@@ -79,7 +79,7 @@ class LatentDiffusionConfig:
     mixtures: int = 3000  # Dirichlet mixtures of a family's runs added to the checkpoints, labelled by measured val acc
     dirichlet: float = 1.0  # their concentration
     shrunk: float = 0.25  # share of mixtures scaled towards the family's start by s ~ U(0.2, 1)
-    steps: int = 3000
+    steps: int = 24000
     batch_size: int = 32
     lr: float = 5e-4
     ema: float = 0.995

@@ -19,13 +19,16 @@ def test_demo_runs_every_stage_and_resumes(tmp_path):
     assert "| Dirichlet mixtures (no learning) | 6 |" in first.stdout
     assert "| family diffusion, conditioned (learned) | 4 |" in first.stdout
     samples = Zoo.open(out / "samples")
-    assert len(samples) == 26 and {e.factors["method"] for e in samples} == {"mix", "diffusion", "pick", "kde"}
+    methods = {"mix", "diffusion", "pick", "kde", "latent_diffusion"}
+    assert len(samples) == 36 and {e.factors["method"] for e in samples} == methods
     assert {e.factors["space"] for e in samples} == {"family", "latent"}
-    assert sum(e.factors.get("target_acc") is not None for e in samples) == 8
+    assert sum(e.factors.get("target_acc") is not None for e in samples) == 12
     results = json.loads((out / "results.json").read_text())
-    for method in ("pick", "diffusion"):
+    for method in ("pick", "diffusion", "latent_diffusion"):
         check = results["conditioning"][method]
         assert check["n"] == 4 and set(check["mean_acc_per_target"]) == {"0.5", "0.9"}
+        band = check["zoo_band_acc_per_target"]  # the zoo's runs near each target on validation, on test
+        assert set(band) == {"0.5", "0.9"} and band["0.9"] > band["0.5"]
     assert "Conditioning: Spearman's rho" in first.stdout
     names = [r["population"] for r in results["rows"]]
     # fine-tuning is off here (it is the slow part): no "after fine-tuning" rows
@@ -34,8 +37,15 @@ def test_demo_runs_every_stage_and_resumes(tmp_path):
                      "Dirichlet mixtures (no learning)", noise, "family diffusion (learned)", noise,
                      "measure-and-pick, conditioned (no learning)", noise,
                      "family diffusion, conditioned (learned)", noise,
-                     "latent KDE of the hyper-representation (SANE)", noise]  # fmt: skip
-    for name in ("report.md", "evaluation/novelty.png", "soups/report.md", "generator/generator.safetensors"):
+                     "latent KDE of the hyper-representation (SANE; no learning beyond the autoencoder)", noise,
+                     "latent diffusion (learned)", noise, "latent diffusion, conditioned (learned)", noise]  # fmt: skip
+    for name in (
+        "report.md",
+        "evaluation/novelty.png",
+        "evaluation/embedding.png",
+        "soups/report.md",
+        "generator/generator.safetensors",
+    ):
         assert (out / name).stat().st_size > 0
 
     stages = json.loads((out / "stages.json").read_text())

@@ -159,6 +159,19 @@ def test_finetune_curves_start_at_the_evaluated_accuracy_and_improve_random_init
     assert curves["random"][2] > curves["random"][0] + 0.1
 
 
+def test_finetune_curves_are_the_same_in_populations_of_any_size(monkeypatch):
+    """Fine-tuning trains at most POPULATION models together (memory); a model's curve does not depend on it."""
+    import vitzoo.eval.finetune as finetune
+
+    zoo = Zoo.open("bundled")
+    entries = zoo.filter(stage="finetune", epoch="last", head="linear")
+    models = [(e.model_id, e.state_dict()) for e in list(entries)[:5]]
+    recipe = FinetuneRecipe(epochs=1, lr=3e-3)
+    together = finetune_curves(models, zoo.architecture, "digits", recipe, "val")
+    monkeypatch.setattr(finetune, "POPULATION", 2)  # populations of 2, 2 and 1
+    assert finetune_curves(models, zoo.architecture, "digits", recipe, "val") == together
+
+
 def test_compare_samples_against_the_zoo(tmp_path):
     zoo = Zoo.open("bundled")
     reference = zoo.filter(stage="finetune", epoch="last", seed=42, lr=[3e-3, 1e-3])

@@ -35,7 +35,8 @@ def test_wheel_holds_one_namespace_and_its_package_data(wheel):
         shipped = [n for n in names if n.startswith(f"vitzoo/zoo_builder/bundled/{folder}/")]
         assert len(shipped) == sum(1 for p in (bundled / folder).rglob("*") if p.is_file())
     assert {"vitzoo/zoo_builder/bundled/zoo.json", "vitzoo/zoo_builder/bundled/index.jsonl",
-            "vitzoo/generative/bundled/generator.safetensors"} <= set(names)  # fmt: skip
+            "vitzoo/generative/bundled/generator.safetensors", "vitzoo/generative/bundled/autoencoder.safetensors",
+            "vitzoo/generative/bundled/latent_diffusion.safetensors"} <= set(names)  # fmt: skip
     assert not any(n.startswith(("vitzoo/tests/", "vitzoo/benchmarks/")) for n in names)
 
 

@@ -510,6 +510,7 @@ def demo_task(cfg) -> None:
     if logger is not None:
         out = Path(cfg.out)
         plots = {"accuracy": "evaluation/accuracy.png", "novelty": "evaluation/novelty.png",
+                 "embedding": "evaluation/embedding.png",
                  "finetune": "evaluation/finetune.png", "soup_gains": "soups/gains.png"}  # fmt: skip
         logger.log_report(
             {"summary": summary["rows"], "conditioning": [summary["conditioning"] or {}]},

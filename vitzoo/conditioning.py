@@ -9,6 +9,11 @@ A sample that cannot be evaluated (e.g. non-finite weights) has no accuracy: it 
 (`unevaluated`), never scored.
 
 python -m vitzoo.conditioning bundled --out runs/conditioning     # the generator shipped beside the bundled zoo
+python -m vitzoo.conditioning generative/bundled/latent_diffusion.safetensors --out runs/conditioning-latent
+
+The generator is a family diffusion or a latent diffusion checkpoint; measure-and-pick draws its mixtures from
+`reference` (a family generator of the same zoo; by default the family generator itself, or the one shipped beside
+the bundled zoo for a latent diffusion).
 """
 
 from __future__ import annotations
@@ -21,7 +26,10 @@ import torch
 from scipy.stats import spearmanr
 
 from vitzoo.eval.evaluation import evaluate
+from vitzoo.generative.checkpoint import checkpoint_format
 from vitzoo.generative.generator import load_generator, sample
+from vitzoo.generative.latent import FORMAT as LATENT_FORMAT
+from vitzoo.generative.latent import load_latent_diffusion, sample_latent
 from vitzoo.zoo_builder.zoo import ZooError, atomic_write_json, code_version
 
 
@@ -34,14 +42,34 @@ def conditioning(
     seed: int = 0,
     split: str = "test",
     pool: int = 300,
+    reference: str | Path | None = None,
 ) -> dict:
-    """The diffusion's conditioning, and measure-and-pick's at the same targets (no learning: `pool` mixtures
+    """The generator's conditioning, and measure-and-pick's at the same targets (no learning: `pool` mixtures
     measured on validation per target) as its reference."""
-    generator = load_generator(generator_path)
-    stats, basis = generator.stats, generator.basis
+    if checkpoint_format(generator_path) == LATENT_FORMAT:  # "bundled" is the family generator
+        latent = load_latent_diffusion(generator_path)
+        sha256 = latent.sha256
+        family_generator, method, stats = load_generator(reference or "bundled"), "latent diffusion", latent.stats
+
+        def draw(n: int, seed: int, **condition):
+            return sample_latent(latent, n, seed, guidance=guidance, **condition)[0]
+    else:
+        generator = load_generator(generator_path)
+        sha256 = generator.sha256
+        family_generator, method, stats = (
+            load_generator(reference) if reference else generator,
+            "diffusion",
+            generator.stats,
+        )
+
+        def draw(n: int, seed: int, **condition):
+            return sample(generator, n, seed, "diffusion", guidance=guidance, **condition)[0]
+
+    basis = family_generator.basis
     num_heads = basis.architecture.num_heads
-    if targets is None:
-        low, high = stats["accuracy_min"], stats["accuracy_max"]
+    if targets is None:  # inside the range both the generator and measure-and-pick's reference were trained on
+        low = max(stats["accuracy_min"], family_generator.stats["accuracy_min"])
+        high = min(stats["accuracy_max"], family_generator.stats["accuracy_max"])
         targets = [round(low + (high - low) * (i + 0.5) / 8, 3) for i in range(8)]
 
     unevaluated = 0
@@ -62,9 +90,9 @@ def conditioning(
 
     target_rows, reference_rows = [], []
     for i, target in enumerate(targets):
-        samples, _, _ = sample(generator, per_target, seed + i, "diffusion", target_acc=target, guidance=guidance)
-        target_rows += [{"target": target, "achieved": a} for a in accuracies(samples)]
-        picked, _, _ = sample(generator, per_target, seed + i, "pick", target_acc=target, measure=on_validation,
+        target_rows += [{"target": target, "achieved": a} for a in accuracies(draw(per_target, seed + i,
+                                                                                     target_acc=target))]  # fmt: skip
+        picked, _, _ = sample(family_generator, per_target, seed + i, "pick", target_acc=target, measure=on_validation,
                               pool=pool)  # fmt: skip
         reference_rows += [{"target": target, "achieved": a} for a in accuracies(picked)]
     rho = spearmanr([r["target"] for r in target_rows], [r["achieved"] for r in target_rows]).statistic
@@ -72,10 +100,8 @@ def conditioning(
 
     slot_rows = []
     for k, (optimizer, lr) in enumerate(basis.slots):
-        samples, _, _ = sample(generator, per_slot, seed + 100 + k, "diffusion", optimizer=optimizer, lr=lr,
-                               guidance=guidance)  # fmt: skip
         zoo = [members[k].metrics.get(f"{split}_acc") for members in basis.members]
-        achieved = accuracies(samples)
+        achieved = accuracies(draw(per_slot, seed + 100 + k, optimizer=optimizer, lr=lr))
         if not achieved:
             raise ZooError(f"no sample conditioned on {optimizer} lr={lr} could be evaluated on {split}")
         slot_rows.append({
@@ -102,7 +128,8 @@ def conditioning(
         orderings[factor] = by("samples_mean") == by("zoo_mean")
     return {
         "generator": str(generator_path),
-        "generator_sha256": generator.sha256,
+        "method": method,
+        "generator_sha256": sha256,
         "split": split,
         "seed": seed,
         "guidance": guidance,
@@ -134,7 +161,8 @@ def write_conditioning(result: dict, out: Path) -> Path:
     import matplotlib.pyplot as plt
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for rows, label in ((result["targets"], "diffusion"), (result["reference_targets"], "measure-and-pick")):
+    method = result.get("method", "diffusion")  # results written before it was recorded: the family diffusion
+    for rows, label in ((result["targets"], method), (result["reference_targets"], "measure-and-pick")):
         targets = torch.tensor([r["target"] for r in rows])
         achieved = torch.tensor([r["achieved"] for r in rows])
         left.scatter(targets + 0.004 * torch.randn(len(targets)), achieved, s=12, alpha=0.6, label=label)
@@ -162,12 +190,12 @@ def write_conditioning(result: dict, out: Path) -> Path:
         f"{result['split']} split, guidance {result['guidance']}, seed {result['seed']}, "
         f"code {result['code_version']}.",
         "",
-        f"Target accuracy: Spearman {result['target_spearman']:.3f} over {len(result['targets'])} diffusion samples;"
+        f"Target accuracy: Spearman {result['target_spearman']:.3f} over {len(result['targets'])} {method} samples;"
         f" measure-and-pick (no learning: {result['pool']} Dirichlet mixtures measured on validation per target, the"
         f" nearest kept) {result['reference_target_spearman']:.3f} over {len(result['reference_targets'])}"
         f"{unevaluated_note(result)}.",
         "",
-        "| target (val) | n | diffusion: achieved mean | min | max | measure-and-pick: achieved mean |",
+        f"| target (val) | n | {method}: achieved mean | min | max | measure-and-pick: achieved mean |",
         "|---|---|---|---|---|---|",
     ]
     for target in dict.fromkeys(r["target"] for r in result["targets"]):
@@ -198,7 +226,8 @@ def write_conditioning(result: dict, out: Path) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("generator", help="generator checkpoint, or 'bundled'")
+    parser.add_argument("generator", help="family or latent diffusion checkpoint, or 'bundled'")
+    parser.add_argument("--reference", default=None, help="family generator for measure-and-pick (see above)")
     parser.add_argument("--out", default="runs/conditioning")
     parser.add_argument("--per-target", type=int, default=10)
     parser.add_argument("--per-slot", type=int, default=10)
@@ -208,7 +237,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = conditioning(args.generator, None, args.per_target, args.per_slot, args.guidance, args.seed)
+    result = conditioning(
+        args.generator, None, args.per_target, args.per_slot, args.guidance, args.seed, reference=args.reference
+    )
     out = write_conditioning(result, Path(args.out))
     print((out / "report.md").read_text())
 

@@ -8,7 +8,8 @@ Stages (each writes its outputs, then records itself in `<out>/stages.json`; a r
 3. sample     `n` unconditioned draws by Dirichlet mixing and by the diffusion, and `per_target` draws at each
               of `targets` accuracies by measure-and-pick and by the diffusion, into `<out>/samples/` (the zoo
               format; every entry's `.factors` holds its method, the space it was drawn in, and its condition);
-              with `kde`, also `n` draws of SANE's latent KDE from the autoencoder shipped beside the bundled zoo
+              with `kde`, also `n` draws of SANE's latent KDE from the autoencoder shipped beside the bundled zoo;
+              with `latent`, `n` draws and `per_target` draws per target of the shipped latent diffusion
 4. evaluate   samples vs the zoo's models it was trained on vs the baselines, with `finetune_epochs` of
               fine-tuning (eval.compare), into `<out>/evaluation/`
 5. soups      the model-soup experiment on the zoo (eval.soups), into `<out>/soups/`
@@ -38,6 +39,7 @@ from vitzoo.generative.checkpoint import read_checkpoint
 from vitzoo.generative.diffusion import DiffusionConfig
 from vitzoo.generative.generator import load_generator, sample, train_generator
 from vitzoo.generative.hyper import BUNDLED_AUTOENCODER, load_autoencoder, sample_kde
+from vitzoo.generative.latent import BUNDLED_LATENT_DIFFUSION, load_latent_diffusion, sample_latent
 from vitzoo.tokenizer.spec import TokenSpec
 from vitzoo.tokenizer.tokens import detokenize, tokenize
 from vitzoo.zoo_builder.zoo import Zoo, ZooError, atomic_write_json, code_version, write_sampled
@@ -76,8 +78,8 @@ def run_demo(cfg, shipped_generator: Path, measure, device: torch.device | str =
 
 
 def _config_key(cfg) -> dict:
-    keys = ("path", "retrain", "generator", "n", "targets", "per_target", "pool", "kde", "finetune_epochs", "align",
-            "token_width", "seed")  # fmt: skip
+    keys = ("path", "retrain", "generator", "n", "targets", "per_target", "pool", "kde", "latent", "finetune_epochs",
+            "align", "token_width", "seed")  # fmt: skip
     return {k: OmegaConf.to_container(cfg[k]) if OmegaConf.is_config(cfg[k]) else cfg[k] for k in keys}
 
 
@@ -162,6 +164,19 @@ def _sample(cfg, zoo: Zoo, out: Path, context: Context) -> None:
         info["kde"] = {"redrawn_as_copies": 0, "seconds": time.perf_counter() - tic}
         samples += drawn
         parents += drawn_parents
+    if cfg.latent:  # the latent diffusion shipped beside the bundled zoo, through the same autoencoder
+        latent = load_latent_diffusion(BUNDLED_LATENT_DIFFUSION, cfg.path)
+        tic = time.perf_counter()
+        drawn, drawn_parents = sample_latent(latent, cfg.n, cfg.seed)
+        info["latent_diffusion"] = {"redrawn_as_copies": 0, "seconds": time.perf_counter() - tic}
+        samples += drawn
+        parents += drawn_parents
+        tic = time.perf_counter()
+        for i, target in enumerate(conditioning_targets(cfg.targets, latent)):
+            drawn, drawn_parents = sample_latent(latent, cfg.per_target, cfg.seed + 1 + i, target_acc=target)
+            samples += drawn
+            parents += drawn_parents
+        info["latent_diffusion (conditioned)"] = {"redrawn_as_copies": 0, "seconds": time.perf_counter() - tic}
     if (out / "samples").exists():  # a sampling stage that was interrupted while writing
         shutil.rmtree(out / "samples")
     write_sampled(out / "samples", generator.basis.architecture, generator.basis.dataset, samples, parents)
@@ -202,7 +217,7 @@ def _report(cfg, zoo: Zoo, out: Path, context: Context) -> None:
         f"{statistics.mean(gains):+.4f}, {sum(g > 0 for g in gains) / len(gains):.0%} of {len(gains)} models gain"
         if gains else "no model keeps 2 checkpoints"
     )  # fmt: skip
-    conditioning = conditioning_check(comparison, Zoo.open(out / "samples"))
+    conditioning = conditioning_check(comparison, Zoo.open(out / "samples"), zoo)
     summary = {
         "zoo": str(cfg.path),
         "seed": cfg.seed,
@@ -234,6 +249,8 @@ def _report(cfg, zoo: Zoo, out: Path, context: Context) -> None:
         "",
         "![novelty](evaluation/novelty.png)",
         "",
+        "![weight space](evaluation/embedding.png)",
+        "",
         "![fine-tuning](evaluation/finetune.png)",
         "",
         "Full comparison: evaluation/report.md; the sampled population: samples/ (zoo format).",
@@ -242,10 +259,25 @@ def _report(cfg, zoo: Zoo, out: Path, context: Context) -> None:
     (out / "report.md").write_text("\n".join(lines))
 
 
-def conditioning_check(comparison: dict, samples: Zoo) -> dict[str, dict]:
+BAND = 0.05  # the zoo runs a target is compared with: validation accuracy within this of it
+
+
+def conditioning_check(comparison: dict, samples: Zoo, zoo: Zoo | None = None) -> dict[str, dict]:
     """Per conditioned method, how well its samples follow their target validation accuracy: Spearman's rho
-    between target and achieved test accuracy, and the mean achieved accuracy per target."""
+    between target and achieved test accuracy, and the mean achieved accuracy per target; with `zoo`, beside each
+    target the mean test accuracy of the zoo's runs (the comparison's zoo rows) whose validation accuracy lies
+    within BAND of it (None where none does)."""
     from scipy.stats import spearmanr
+
+    band: dict[float, float | None] = {}
+    if zoo is not None:
+        tested = {m["name"]: m["accuracy"] for m in comparison["models"] if m["population"] == "zoo" and
+                  m["error"] is None}  # fmt: skip
+        validation = {f"{e.model_id}@{e.epoch}": e.metrics.get("val_acc") for e in zoo}
+        for target in {e.factors.get("target_acc") for e in samples} - {None}:
+            near = [a for name, a in tested.items() if validation.get(name) is not None and
+                    abs(validation[name] - target) <= BAND]  # fmt: skip
+            band[target] = statistics.mean(near) if near else None
 
     target = {e.model_id: (e.factors.get("method"), e.factors.get("target_acc")) for e in samples}
     checks = {}
@@ -258,7 +290,8 @@ def conditioning_check(comparison: dict, samples: Zoo) -> dict[str, dict]:
         means = {t: statistics.mean(a for u, a in pairs if u == t) for t in sorted({t for t, _ in pairs})}
         rho = spearmanr([t for t, _ in pairs], [a for _, a in pairs]).statistic
         checks[method] = {"n": len(pairs), "spearman": float(rho),
-                          "mean_acc_per_target": {str(t): a for t, a in means.items()}}  # fmt: skip
+                          "mean_acc_per_target": {str(t): a for t, a in means.items()},
+                          "zoo_band_acc_per_target": {str(t): band.get(t) for t in means}}  # fmt: skip
     return checks
 
 
@@ -267,10 +300,13 @@ def conditioning_line(conditioning: dict[str, dict]) -> str:
         return "Conditioning: fewer than two targets sampled."
     parts = []
     for method, check in conditioning.items():
-        means = ", ".join(f"{t} -> {a:.3f}" for t, a in check["mean_acc_per_target"].items())
+        zoo = check.get("zoo_band_acc_per_target", {})
+        means = ", ".join(f"{t} -> {a:.3f}" + (f" (zoo {zoo[t]:.3f})" if zoo.get(t) is not None else "")
+                          for t, a in check["mean_acc_per_target"].items())  # fmt: skip
         parts.append(f"{method} {check['spearman']:.3f} over {check['n']} samples (mean per target: {means})")
     return (
-        "Conditioning: Spearman's rho between target validation accuracy and achieved test accuracy: "
+        "Conditioning: Spearman's rho between target validation accuracy and achieved test accuracy, and the mean "
+        f"achieved test accuracy per target beside that of the zoo's runs within {BAND} of it on validation: "
         + "; ".join(parts)
         + "."
     )
@@ -302,7 +338,9 @@ LABELS = {  # the table's rows, in order: each non-learned reference before the 
     "diffusion": "family diffusion (learned)",
     "pick (conditioned)": "measure-and-pick, conditioned (no learning)",
     "diffusion (conditioned)": "family diffusion, conditioned (learned)",
-    "kde": "latent KDE of the hyper-representation (SANE)",
+    "kde": "latent KDE of the hyper-representation (SANE; no learning beyond the autoencoder)",
+    "latent_diffusion": "latent diffusion (learned)",
+    "latent_diffusion (conditioned)": "latent diffusion, conditioned (learned)",
 }
 
 

@@ -47,6 +47,9 @@ STACK_FACTORS = (
     "train_subset",
 )
 EVAL_BATCH = 500
+# images x models one vmapped evaluation forward holds at most: activations grow with both (the demo fine-tunes
+# ~500 models at once; 500 images each took 5.5 GB)
+EVAL_IMAGES_PER_STEP = 16_384
 
 
 def stack_key(factors: Factors) -> tuple:
@@ -265,7 +268,9 @@ class PopulationTrainer:
         InfoNCE on fixed augmented pairs (accuracy: the share of views whose positive ranks first)."""
         images, labels = self.split(split)
         n = len(labels)
-        batch = self.shared.batch_size if self.contrastive else EVAL_BATCH
+        batch = (
+            self.shared.batch_size if self.contrastive else max(1, min(EVAL_BATCH, EVAL_IMAGES_PER_STEP // self.rows))
+        )
         loss_sum = torch.zeros(self.rows, device=self.device)
         correct_sum = torch.zeros(self.rows, device=self.device)
         counted = 0
