@@ -63,7 +63,10 @@ def conditioning(
         )
 
         def draw(n: int, seed: int, **condition):
-            return sample(generator, n, seed, "diffusion", guidance=guidance, **condition)[0]
+            # a slot condition asks for that slot's run, which the diffusion can reproduce: its draws are kept as
+            # drawn (novel_only would redraw them without end); the demo measures how many are copies
+            slot = condition.get("optimizer") is not None
+            return sample(generator, n, seed, "diffusion", guidance=guidance, novel_only=not slot, **condition)[0]
 
     basis = family_generator.basis
     num_heads = basis.architecture.num_heads
