@@ -46,7 +46,7 @@ from vitzoo.zoo_builder.zoo import Zoo, ZooError, atomic_write_json, code_versio
 
 STAGES = ("tokenize", "generator", "sample", "evaluate", "soups", "report")
 # rough seconds per stage on 2 CPU cores (bundled zoo), for the progress display's time left
-EXPECTED_SECONDS = {"tokenize": 5, "generator": 1, "sample": 20, "evaluate": 150, "soups": 60, "report": 2}
+EXPECTED_SECONDS = {"tokenize": 1, "generator": 1, "sample": 40, "evaluate": 180, "soups": 35, "report": 2}
 RETRAIN_SECONDS = 280
 
 
