@@ -56,6 +56,11 @@ HEADS = (*MODEL_HEADS, "all")  # one head type, or every fine-tune of both
 HOLDOUTS = ("none", "run", "family")
 
 
+def slot_of(factors: dict) -> tuple[str, float]:
+    """A fine-tune's condition slot: (optimizer, learning rate)."""
+    return (factors["optimizer"], float(factors["lr"]))
+
+
 def held_out(entries: list, holdout: str) -> set[str]:
     """The model ids a `holdout` rule keeps out of training, a deterministic function of the zoo: "run" holds out
     one run per family (family i, in sorted order, loses its run in slot i mod K, so every slot is held out
@@ -67,8 +72,7 @@ def held_out(entries: list, holdout: str) -> set[str]:
         return set()
     families: dict[tuple, dict[tuple, str]] = {}
     for entry in entries:
-        slot = (entry.factors["optimizer"], float(entry.factors["lr"]))
-        families.setdefault(family_key(entry.factors, entry.parent_id), {})[slot] = entry.model_id
+        families.setdefault(family_key(entry.factors, entry.parent_id), {})[slot_of(entry.factors)] = entry.model_id
     slots = sorted({slot for members in families.values() for slot in members})
     held = set()
     for i, key in enumerate(sorted(families)):

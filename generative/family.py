@@ -19,16 +19,12 @@ from collections import OrderedDict
 import torch
 
 from vitzoo.errors import ConfigError
-from vitzoo.generative.data import HEADS
+from vitzoo.generative.data import HEADS, slot_of
 from vitzoo.zoo_builder.families import family_key, family_start, parent_states
 from vitzoo.zoo_builder.zoo import BUNDLED, Zoo, ZooEntry, ZooError
 
 StateDict = dict[str, torch.Tensor]
 FamilyWeights = tuple[StateDict, StateDict]  # (start, runs: tensors [K, *shape]), float32 as stored
-
-
-def slot_of(factors: dict) -> tuple[str, float]:
-    return (factors["optimizer"], float(factors["lr"]))
 
 
 class FamilyBasis:

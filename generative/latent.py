@@ -53,6 +53,7 @@ from vitzoo.generative.checkpoint import (
     update_ema,
     write_checkpoint,
 )
+from vitzoo.generative.data import slot_of
 from vitzoo.generative.diffusion import MAX_TIMESTEPS, SCHEDULES, schedulers, timestep_embedding
 from vitzoo.generative.generator import ConditionError
 from vitzoo.generative.hyper import AutoencoderBundle, load_autoencoder
@@ -113,10 +114,6 @@ class LatentDiffusionConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def slot_of(factors: dict) -> tuple[str, float]:
-    return (factors["optimizer"], float(factors["lr"]))
 
 
 class LatentDenoiser(nn.Module):
