@@ -533,7 +533,7 @@ def test_holdout_keeps_one_run_per_family_or_whole_families_out_of_training(tmp_
     assert {e.model_id for e in held.data.entries} == runs and held.data.normalizer is bundle.data.normalizer
 
 
-@pytest.mark.parametrize("name", ["diffusion", "autoencoder", "latent_diffusion"])
+@pytest.mark.parametrize("name", ["diffusion", "autoencoder", "latent_diffusion", "transfer"])
 def test_every_model_config_file_lists_every_field_with_its_default(name):
     """configs/model/<name>.yaml is what `model.<field>=` overrides can reach: every field, at the code's default."""
     from dataclasses import fields
@@ -543,9 +543,10 @@ def test_every_model_config_file_lists_every_field_with_its_default(name):
 
     from vitzoo.configs import __file__ as configs_init
     from vitzoo.generative.latent import LatentDiffusionConfig
+    from vitzoo.generative.transfer import TransferConfig
 
     config_class = {"diffusion": DiffusionConfig, "autoencoder": AutoencoderConfig,
-                    "latent_diffusion": LatentDiffusionConfig}[name]  # fmt: skip
+                    "latent_diffusion": LatentDiffusionConfig, "transfer": TransferConfig}[name]  # fmt: skip
     written = yaml.safe_load((Path(configs_init).parent / "model" / f"{name}.yaml").read_text())
     assert written.pop("name") == name
     assert written == {f.name: getattr(config_class(), f.name) for f in fields(config_class)}

@@ -36,6 +36,7 @@ COMMANDS = {
     "soup": "model soups of a zoo's fine-tunes, chosen on val (vitzoo soup <zoo> out=<dir>)",
     "train": "train a generative model over a zoo's weights (vitzoo train <zoo> model=diffusion out=<dir>)",
     "sample": "sample new ViTs from a generator into a zoo folder (vitzoo sample <generator> n=<N> out=<dir>)",
+    "generalisation": "fine-tunes for parents a generator never saw, left out one by one (vitzoo generalisation <zoo>)",
     "probe": "predict accuracy, epoch, lr, optimizer, parent from hyper-representations (vitzoo probe <autoencoder>)",
     "import": "read a foreign zoo layout into the zoo format (vitzoo import vitmodelzoo <src> <dst>)",
     "verify": "check every checkpoint of a zoo against its sha256 (vitzoo verify <zoo>)",
@@ -52,7 +53,8 @@ OUTPUT_MARKERS = {
     "analyze": ("report.md",),
     "soup": ("report.md",),
     "probe": ("report.md",),
-    "train": ("train_state.safetensors", "generator.safetensors", "autoencoder.safetensors"),
+    "generalisation": ("report.md",),
+    "train": ("train_state.safetensors", "generator.safetensors", "autoencoder.safetensors", "transfer.safetensors"),
     "demo": ("stages.json",),
     "export": ("export.json",),
 }
@@ -137,7 +139,8 @@ def hydra_value(text: str) -> str:
 
 def usage() -> str:
     lines = ["usage: vitzoo <command> [args] [hydra overrides]", "", "commands:"]
-    lines += [f"  {name:<8} {text}" for name, text in COMMANDS.items()]
+    width = max(map(len, COMMANDS))
+    lines += [f"  {name:<{width}} {text}" for name, text in COMMANDS.items()]
     return "\n".join(lines)
 
 
@@ -164,6 +167,8 @@ def main(argv: list[str] | None = None) -> None:
         run_zoo_command("train", rest, train_task)
     elif command == "sample":
         run_zoo_command("sample", rest, sample_task, what="generator checkpoint or 'bundled'")
+    elif command == "generalisation":
+        run_zoo_command("generalisation", rest, generalisation_task)
     elif command == "verify":
         verify_command(rest)
     elif command == "probe":
@@ -425,6 +430,7 @@ def train_task(cfg) -> None:
     from vitzoo.generative.diffusion import DiffusionConfig
     from vitzoo.generative.latent import LatentDiffusionConfig
     from vitzoo.generative.runtime import close_runtime, start_runtime
+    from vitzoo.generative.transfer import TransferConfig
     from vitzoo.zoo_builder.logger import make_logger
     from vitzoo.zoo_builder.zoo import Zoo
 
@@ -437,14 +443,20 @@ def train_task(cfg) -> None:
     try:
         name = model.pop("name", None)
         configs = {"diffusion": DiffusionConfig, "autoencoder": AutoencoderConfig,
-                   "latent_diffusion": LatentDiffusionConfig}  # fmt: skip
+                   "latent_diffusion": LatentDiffusionConfig, "transfer": TransferConfig}  # fmt: skip
         if name not in configs:
             raise ConfigError(f"model={name} is not available; models: {', '.join(configs)}")
         try:
             config = configs[name](**model)
         except TypeError as error:  # an unknown field
             raise ConfigError(f"bad model config: {error}") from None
+        if cfg.holdout_parents and name != "transfer":
+            raise ConfigError(f"model={name} samples within the families it trained on: holdout_parents is for "
+                              "model=transfer (fine-tunes for parents it never saw)")  # fmt: skip
         zoo = Zoo.open(cfg.path)
+        if name == "transfer":
+            train_transfer_task(cfg, zoo, config, out)
+            return
         runtime = start_runtime(cfg.device, cfg.precision)
         if runtime.main:
             logger = make_logger(OmegaConf.to_object(cfg.logger), resolved, str(cfg.path), out, job_type="train")
@@ -483,6 +495,59 @@ def train_task(cfg) -> None:
         if unmeasured:
             print(f"{unmeasured} models could not be evaluated on val: left out of the training labels")
         print(timing_line(json.loads((out / "timing.json").read_text())))
+
+
+def train_transfer_task(cfg, zoo, config, out: Path) -> None:
+    """model=transfer: no gradient steps (probe logits of the training fine-tunes), so one process, no logger."""
+    import time
+
+    from vitzoo.generative.transfer import fit_transfer, save_transfer
+    from vitzoo.zoo_builder.models import select_device
+
+    started = time.perf_counter()
+    generator = fit_transfer(zoo, config, cfg.head, list(cfg.holdout_parents), cfg.data_root,
+                             select_device(cfg.device))  # fmt: skip
+    seconds = time.perf_counter() - started
+    path = out / "transfer.safetensors"
+    out.mkdir(parents=True, exist_ok=True)
+    save_transfer(generator, path, {"training_seconds": seconds})
+    runs = sum(len(r) for r in generator.runs)
+    held = f", held out: {', '.join(generator.held_out)}" if generator.held_out else ""
+    print(f"transfer written to {path} ({path.stat().st_size / 1e6:.2f} MB): {runs} fine-tunes of "
+          f"{len(generator.parents)} parents{held}; {seconds:.1f} s")  # fmt: skip
+
+
+def generalisation_task(cfg) -> None:
+    import torch
+    from omegaconf import OmegaConf
+
+    from vitzoo.eval.finetune import FinetuneRecipe
+    from vitzoo.eval.generalisation import (
+        GeneralisationSettings,
+        leave_one_parent_out,
+        report_lines,
+        write_generalisation,
+    )
+    from vitzoo.generative.transfer import TransferConfig
+    from vitzoo.zoo_builder.models import select_device
+    from vitzoo.zoo_builder.zoo import Zoo
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    model = dict(OmegaConf.to_container(cfg.model, resolve=True) or {})
+    if model.pop("name", None) != "transfer":
+        raise ConfigError("generalisation measures model=transfer, the generator that conditions on a new parent")
+    try:
+        config = TransferConfig(**model)
+    except TypeError as error:  # an unknown field
+        raise ConfigError(f"bad model config: {error}") from None
+    recipe = FinetuneRecipe(**OmegaConf.to_container(cfg.finetune), seed=cfg.seed)
+    settings = GeneralisationSettings(cfg.head, cfg.n, list(cfg.sizes), recipe, cfg.seed, cfg.resamples,
+                                      str(select_device(cfg.device)), cfg.data_root)  # fmt: skip
+    report = leave_one_parent_out(Zoo.open(cfg.path), config, settings)
+    path = write_generalisation(report, Path(cfg.out))
+    print("\n".join(report_lines(report)[4:12]))
+    print(f"report: {path}")
 
 
 def demo_task(cfg) -> None:
@@ -532,13 +597,17 @@ def sample_task(cfg) -> None:
     from vitzoo.generative.hyper import load_autoencoder, sample_kde
     from vitzoo.generative.latent import FORMAT as LATENT_FORMAT
     from vitzoo.generative.latent import load_latent_diffusion, sample_latent
+    from vitzoo.generative.transfer import FORMAT as TRANSFER_FORMAT
     from vitzoo.zoo_builder.zoo import Zoo, write_sampled
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     path = BUNDLED_GENERATOR if cfg.path == "bundled" else cfg.path  # read its format before loading
     kind = checkpoint_format(path)
-    if kind == LATENT_FORMAT:
+    if kind == TRANSFER_FORMAT:
+        samples, parents, architecture, dataset = sample_transfer_task(cfg, path)
+        note = ""
+    elif kind == LATENT_FORMAT:
         if cfg.method not in (None, "latent_diffusion"):
             raise ConditionError(f"{path} is a latent diffusion: sample it with method=latent_diffusion (or none)")
         if cfg.head is not None:
@@ -569,6 +638,33 @@ def sample_task(cfg) -> None:
         note = f" ({info['redrawn_as_copies']} draws redrawn as copies)"
     zoo = write_sampled(cfg.out, architecture, dataset, samples, parents)
     print(f"{len(zoo.records)} sampled ViTs written to {cfg.out}{note}")
+
+
+def sample_transfer_task(cfg, path):
+    """Fine-tunes of `parent=` (a model of the generator's zoo, or a state dict's path) from a transfer generator."""
+    from vitzoo.generative.generator import ConditionError
+    from vitzoo.generative.transfer import load_transfer, read_parent, sample_transfer
+    from vitzoo.zoo_builder.zoo import Zoo
+
+    if cfg.method not in (None, "transfer"):
+        raise ConditionError(f"{path} is a transfer generator: sample it with method=transfer (or none)")
+    generator = load_transfer(path)
+    if cfg.parent is None:
+        raise ConditionError("a transfer generator samples fine-tunes of one parent: give parent=<model id or path>")
+    if cfg.target_acc is not None:
+        raise ConditionError("a transfer generator conditions on optimizer/lr, not target_acc: how good its samples "
+                             "are depends on the new parent's features, which no zoo run measured")  # fmt: skip
+    if cfg.head not in (None, generator.start["head"]):
+        raise ConditionError(f"this transfer generator fits {generator.start['head']} heads: drop head= or train "
+                             f"one with head={cfg.head}")  # fmt: skip
+    zoo = None
+    if not Path(cfg.parent).is_file():
+        zoo = Zoo.open(cfg.zoo or generator.zoo_root)
+    name, state = read_parent(cfg.parent, zoo)
+    samples = sample_transfer(generator, state, name, cfg.n, cfg.seed, cfg.head_seed or 0, cfg.optimizer, cfg.lr,
+                              cfg.temperature)  # fmt: skip
+    dataset = generator.start["dataset"]
+    return samples, [name if zoo is not None else None] * len(samples), generator.architecture, dataset
 
 
 # -------------------------------------------------------------------------------------- plain commands

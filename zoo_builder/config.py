@@ -112,6 +112,7 @@ class TrainConfig:
     path: str = "???"  # the zoo
     model: Any = None  # configs/model/<name>.yaml: {name: diffusion, ...its config fields}
     head: str = "linear"  # which fine-tunes: linear | mlp | all (both head types; the autoencoder: their bodies)
+    holdout_parents: List[str] = field(default_factory=list)  # model=transfer: parents none of whose fine-tunes train
     out: str = "runs/generator"
     overwrite: bool = False  # train afresh into out (else a rerun resumes it)
     save_every: int = 500
@@ -149,6 +150,25 @@ class SampleConfig:
     distance: Optional[float] = None  # method=noise: the noise's L2 norm
     head: Optional[str] = None  # linear | mlp: only families of this head type (a generator trained with head=all)
     zoo: Optional[str] = None  # where the generator's zoo is, when it moved
+    head_seed: Optional[int] = None  # transfer: the seed of the new parent's fresh head (null: 0)
+    temperature: Optional[float] = None  # transfer: spread of the drawn logits (null: the generator's own)
+    threads: Optional[int] = None
+
+
+@dataclass
+class GeneralisationConfig:
+    path: str = "???"  # the zoo
+    model: Any = None  # configs/model/transfer.yaml
+    head: str = "linear"
+    n: int = 1  # samples per (head seed, slot) cell of each held-out parent
+    sizes: List[int] = field(default_factory=lambda: [1, 3, 5])  # learning curve: training parents
+    finetune: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(epochs=3))
+    seed: int = 0
+    resamples: int = 2000
+    out: str = "runs/generalisation"
+    overwrite: bool = False
+    device: str = "auto"
+    data_root: Optional[str] = None
     threads: Optional[int] = None
 
 
@@ -186,3 +206,4 @@ def register_schemas() -> None:
     store.store(name="sample_schema", node=SampleConfig)
     store.store(name="demo_schema", node=DemoConfig)
     store.store(name="analyze_schema", node=AnalyzeConfig)
+    store.store(name="generalisation_schema", node=GeneralisationConfig)
