@@ -146,6 +146,15 @@ def leave_one_parent_out(zoo: Zoo, config: TransferConfig, settings: Generalisat
             overall[f"finetune_{which}_{epoch}"] = _bootstrap([r["finetune"][which][epoch] for r in rows],
                                                               settings.resamples, settings.seed)  # fmt: skip
 
+    slots = []  # per slot over all parents: does a slot-conditioned sample behave like that slot's runs?
+    for optimizer, lr in sorted({slot_of(e.factors) for e in final}):
+        tag = f"/{optimizer}/{lr:g}/"
+        drawn = [accuracy[m] for p in parents for m in samples_of[p] if tag in m]
+        runs = [accuracy[e.model_id] for e in final if slot_of(e.factors) == (optimizer, lr)]
+        if drawn:
+            slots.append({"optimizer": optimizer, "lr": lr, "sample": statistics.fmean(drawn),
+                          "real": statistics.fmean(runs)})  # fmt: skip
+
     curve = _learning_curve(zoo, config, final, parents, w0, settings, timing, log)
     curve.append({"parents": len(parents) - 1, **overall["sample"]})
     fits = timing.pop("fit")
@@ -153,7 +162,7 @@ def leave_one_parent_out(zoo: Zoo, config: TransferConfig, settings: Generalisat
     return {
         "zoo": str(zoo.root), "head": settings.head, "dataset": dataset, "n": settings.n,
         "config": config.to_dict(), "recipe": vars(settings.recipe), "code_version": code_version(),
-        "parents": rows, "overall": overall, "curve": curve, "timing": timing,
+        "parents": rows, "overall": overall, "slots": slots, "curve": curve, "timing": timing,
         "bars": _bars(overall, settings.recipe.epochs, timing),
     }  # fmt: skip
 
@@ -281,6 +290,9 @@ def report_lines(report: dict) -> list[str]:
               "| epochs | from samples | from w0 |", "|---|---|---|"]  # fmt: skip
     lines += [f"| {e} | {_fmt(overall[f'finetune_sample_{e}'])} | {_fmt(overall[f'finetune_start_{e}'])} |"
               for e in range(1, epochs + 1)]  # fmt: skip
+    lines += ["", "Per fine-tuning slot (mean over all held-out parents; the samples of a slot fit that slot's mean "
+              "probe logits):", "", "| optimizer | lr | samples | real fine-tunes |", "|---|---|---|---|"]  # fmt: skip
+    lines += [f"| {s['optimizer']} | {s['lr']:g} | {s['sample']:.3f} | {s['real']:.3f} |" for s in report["slots"]]
     lines += ["", "Per parent (mean [95% interval over its samples]); novelty against the other parents' fine-tunes: "
               "median relative distance, median prediction agreement with the nearest, copies (real fine-tunes of the "
               "parent in brackets):", "",

@@ -154,6 +154,7 @@ def test_leave_one_parent_out_on_three_parents(tmp_path, zoo):
     assert overall["mean_delta"]["mean"] < 0.2 and overall["head_delta"]["mean"] < 0.2
     assert overall["finetune_sample_1"]["mean"] > overall["finetune_start_1"]["mean"]
     assert [point["parents"] for point in report["curve"]] == [1, 2]
+    assert len(report["slots"]) == 6 and all(0.2 < slot["sample"] < 1 for slot in report["slots"])
     assert report["bars"]["0.5x real fine-tunes"] and report["timing"]["fit_max"] < 60
     path = write_generalisation(report, tmp_path)
     assert "| transfer samples |" in path.read_text() and (tmp_path / "learning_curve.png").stat().st_size > 0
