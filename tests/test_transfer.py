@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 from vitzoo.errors import ConfigError
 from vitzoo.eval.evaluation import evaluate
 from vitzoo.eval.finetune import FinetuneRecipe
-from vitzoo.eval.generalisation import GeneralisationSettings, leave_one_parent_out, write_generalisation
+from vitzoo.generalisation import GeneralisationSettings, leave_one_parent_out, write_generalisation
 from vitzoo.generative.checkpoint import CheckpointError, read_checkpoint, write_checkpoint
 from vitzoo.generative.transfer import (
     ParentError,

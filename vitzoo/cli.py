@@ -522,7 +522,7 @@ def generalisation_task(cfg) -> None:
     from omegaconf import OmegaConf
 
     from vitzoo.eval.finetune import FinetuneRecipe
-    from vitzoo.eval.generalisation import (
+    from vitzoo.generalisation import (
         GeneralisationSettings,
         leave_one_parent_out,
         report_lines,
