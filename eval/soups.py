@@ -237,27 +237,3 @@ def _gains_plot(gains: dict[int, list[float]], path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
-
-
-def main() -> None:
-    """python -m vitzoo.eval.soups <zoo> [--threads N]: the soup tables of a zoo (the README's numbers)."""
-    import argparse
-
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("zoo", help="zoo directory, or 'bundled'")
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    zoo = Zoo.open(args.zoo)
-    num_heads = zoo.architecture.num_heads
-    for k in (2, 3):
-        soups = epoch_soups(zoo, zoo.dataset, k, num_heads)
-        if soups:
-            print(f"\nUniform soup of the last {k} epochs vs the last epoch, {zoo.dataset} test\n")
-            print(epoch_soup_table(soups))
-    print(f"\nSoups of each parent's fine-tunes (per head type), {zoo.dataset} test; picked on val\n")
-    print(parent_soup_table(parent_soups(zoo, zoo.dataset, num_heads)))
-
-
-if __name__ == "__main__":
-    main()

@@ -1,11 +1,13 @@
 """`vitzoo` end to end: builds, sweeps with a local Hydra launcher, and one-line errors on bad input."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import offline_run_bytes, run_cli
 
+from vitzoo.errors import ConfigError
 from vitzoo.zoo_builder import Zoo
 from vitzoo.zoo_builder.zoo import verify
 
@@ -152,10 +154,53 @@ def test_zoo_json_describes_architecture_dataset_and_code(tmp_path):
     assert meta["dataset"] == "digits" and meta["format_version"] == 1 and meta["created_by"].startswith("vitzoo")
 
 
-def test_build_help_shows_the_hydra_config():
-    result = run_cli("build", "--help")
-    assert "zoo: digits_tiny" in result.stdout or "digits_tiny" in result.stdout
-    assert "population_size" in result.stdout
+def test_build_help_lists_every_option_with_default_and_description():
+    text = run_cli("build", "--help").stdout
+    assert "usage: vitzoo build [key=value ...]" in text
+    assert "zoo=digits_tiny" in text and "fmnist_blueprint" in text  # the group, its default and its presets
+    line = next(line for line in text.splitlines() if "population_size=" in line)
+    assert "population_size=64" in line and "most models stacked" in line
+    assert "save.pretrain=" in text and "hydra" not in [line.split("=")[0].strip() for line in text.splitlines()]
+
+
+@pytest.mark.parametrize("command", ["evaluate", "analyze", "soup", "train", "sample", "demo", "generalisation"])
+def test_every_hydra_command_documents_each_option(command):
+    """Every key of configs/<command>.yaml is in its --help, with a description."""
+    from vitzoo.cli import COMMANDS, CONFIG_DIR
+    from vitzoo.options import _options, hydra_help
+
+    text = hydra_help(command, COMMANDS[command], Path(CONFIG_DIR))
+    options = _options((Path(CONFIG_DIR) / f"{command}.yaml").read_text().splitlines())
+    assert options and all(f"{key}={value}" in text for key, value, _ in options)
+    assert [key for key, _, description in options if not description] == []
+
+
+def test_plain_commands_take_key_value_options_and_show_them(tmp_path):
+    from vitzoo.options import Option, Positional, parse
+
+    text = run_cli("probe", "--help").stdout
+    assert "usage: vitzoo probe <autoencoder> [key=value ...]" in text and "out=runs/probe" in text
+    assert "overwrite=false" in text and "threads=null" in text
+    for command in ("verify", "import", "export", "conditioning", "summary"):
+        assert f"usage: vitzoo {command}" in run_cli(command, "--help").stdout
+    refused = run_cli("probe", "x.safetensors", "--out", "y", check=False)
+    assert refused.returncode == 2 and "options are key=value" in refused.stderr
+    refused = run_cli("export", "bundled", "outt=y", check=False)
+    assert refused.returncode == 2 and "unknown option outt=" in refused.stderr
+    positionals = [Positional("zoo", "z"), Positional("ids", "i", "*")]
+    options = {"n": Option(3, "n", int), "flag": Option(False, "f", bool), "targets": Option(None, "t", list)}
+    named, values = parse("x", ["z", "a", "b", "n=5", "targets=[0.5,0.7]"], positionals, options)
+    assert named == {"zoo": "z", "ids": ["a", "b"]} and values == {"n": 5, "flag": False, "targets": [0.5, 0.7]}
+    with pytest.raises(ConfigError, match="expected int"):
+        parse("x", ["z", "n=many"], positionals, options)
+    with pytest.raises(ConfigError, match="missing <zoo>"):
+        parse("x", [], positionals, options)
+
+
+def test_summary_is_a_subcommand():
+    text = run_cli("summary", "bundled").stdout
+    assert "250 models, 650 checkpoints" in text and "| parent | objective | seed | test_acc | val_acc |" in text
+    assert run_cli("summary", "bundled", "metric=val_acc").stdout.count("val_acc") > text.count("val_acc")
 
 
 def test_wandb_logger_writes_an_offline_run(tmp_path):

@@ -8,12 +8,14 @@ its traceback.
 
 Every command that writes follows one policy for its output folder (`prepare_out`): it must not exist or be empty
 (its `logs/` aside), or hold a run the command resumes (build, train, demo; import joins a zoo of the same
-architecture); `overwrite=true` (`--overwrite` for probe and import) replaces an earlier output of the same command.
+architecture); `overwrite=true` replaces an earlier output of the same command.
+
+Every command takes `key=value` options and lists them, each with its default and what it does, under
+`vitzoo <command> --help` (`vitzoo.options`).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import errno
 import json
@@ -25,6 +27,7 @@ from pathlib import Path
 
 from vitzoo import configs
 from vitzoo.errors import ConfigError, VitzooError
+from vitzoo.options import Option, Positional, hydra_help, parse, plain_help
 
 CONFIG_DIR = str(Path(configs.__file__).resolve().parent)
 
@@ -37,10 +40,12 @@ COMMANDS = {
     "train": "train a generative model over a zoo's weights (vitzoo train <zoo> model=diffusion out=<dir>)",
     "sample": "sample new ViTs from a generator into a zoo folder (vitzoo sample <generator> n=<N> out=<dir>)",
     "generalisation": "fine-tunes for parents a generator never saw, left out one by one (vitzoo generalisation <zoo>)",
+    "conditioning": "does a generator follow its conditions? (vitzoo conditioning <generator> out=<dir>)",
     "probe": "predict accuracy, epoch, lr, optimizer, parent from hyper-representations (vitzoo probe <autoencoder>)",
     "import": "read a foreign zoo layout into the zoo format (vitzoo import vitmodelzoo <src> <dst>)",
     "verify": "check every checkpoint of a zoo against its sha256 (vitzoo verify <zoo>)",
     "export": "zoo models as timm / Hugging Face folders (vitzoo export <zoo> [model ids] out=<dir>)",
+    "summary": "a zoo's models and their accuracy spread per parent and factor (vitzoo summary <zoo>)",
 }
 
 
@@ -54,6 +59,7 @@ OUTPUT_MARKERS = {
     "soup": ("report.md",),
     "probe": ("report.md",),
     "generalisation": ("report.md",),
+    "conditioning": ("report.md",),
     "train": ("train_state.safetensors", "generator.safetensors", "autoencoder.safetensors", "transfer.safetensors"),
     "demo": ("stages.json",),
     "export": ("export.json",),
@@ -152,6 +158,9 @@ def main(argv: list[str] | None = None) -> None:
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
         fail("", f"unknown command {command!r}; commands: {', '.join(COMMANDS)}")
+    if command not in PLAIN_COMMANDS and ("--help" in rest or "-h" in rest):
+        print(hydra_help(command, COMMANDS[command], Path(CONFIG_DIR)))
+        return
     if command == "demo":
         positional = rest[:1] if rest and "=" not in rest[0] and not rest[0].startswith("-") else []
         run_hydra("demo", "demo", [f"path={hydra_value(p)}" for p in positional] + rest[len(positional) :], demo_task)
@@ -169,14 +178,9 @@ def main(argv: list[str] | None = None) -> None:
         run_zoo_command("sample", rest, sample_task, what="generator checkpoint or 'bundled'")
     elif command == "generalisation":
         run_zoo_command("generalisation", rest, generalisation_task)
-    elif command == "verify":
-        verify_command(rest)
-    elif command == "probe":
-        probe_command(rest)
-    elif command == "import":
-        import_command(rest)
-    elif command == "export":
-        export_command(rest)
+    elif command in PLAIN_COMMANDS:
+        {"verify": verify_command, "probe": probe_command, "import": import_command, "export": export_command,
+         "conditioning": conditioning_command, "summary": summary_command}[command](rest)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------- hydra
@@ -670,21 +674,86 @@ def sample_transfer_task(cfg, path):
 # -------------------------------------------------------------------------------------- plain commands
 
 
+PLAIN_COMMANDS = {  # commands without Hydra: their arguments and key=value options (vitzoo.options)
+    "verify": ([Positional("zoo", "zoo folder, or 'bundled'")], {}),
+    "probe": (
+        [Positional("autoencoder", "autoencoder checkpoint (vitzoo train <zoo> model=autoencoder)")],
+        {
+            "zoo": Option(None, "its zoo, if it moved since training"),
+            "out": Option("runs/probe", "report.md and results.json"),
+            "overwrite": Option(False, "replace the report of an earlier probe in out", bool),
+            "threads": Option(None, "torch.set_num_threads; null leaves torch's default", int),
+        },
+    ),  # fmt: skip
+    "import": (
+        [
+            Positional("layout", "the foreign layout: vitmodelzoo"),
+            Positional("src", "folder of the foreign zoo"),
+            Positional("dst", "zoo folder to write (or a zoo of the same architecture to join)"),
+        ],
+        {"overwrite": Option(False, "replace the zoo in dst instead of joining it", bool)},
+    ),  # fmt: skip
+    "export": (
+        [
+            Positional("zoo", "zoo or sampled-zoo folder, or 'bundled'"),
+            Positional("models", "model ids (default: every model), each at its last epoch", "*"),
+        ],
+        {
+            "out": Option("runs/export", "one timm / Hugging Face folder per model"),
+            "overwrite": Option(False, "replace an earlier export in out", bool),
+        },
+    ),  # fmt: skip
+    "conditioning": (
+        [Positional("generator", "family or latent diffusion checkpoint, or 'bundled'")],
+        {
+            "reference": Option(
+                None,
+                "family generator for measure-and-pick (default: the generator itself, or the "
+                "shipped one for a latent diffusion)",
+            ),
+            "targets": Option(
+                None, "target val accuracies, e.g. [0.5,0.7,0.9] (null: spread over the trained range)", list
+            ),
+            "per_target": Option(10, "samples per target", int),
+            "per_slot": Option(10, "samples per optimizer/lr", int),
+            "guidance": Option(2.0, "classifier-free guidance scale", float),
+            "seed": Option(0, "of the draws", int),
+            "out": Option("runs/conditioning", "report.md, results.json, plot"),
+            "overwrite": Option(False, "replace an earlier report in out", bool),
+            "threads": Option(None, "torch.set_num_threads; null leaves torch's default", int),
+        },
+    ),  # fmt: skip
+    "summary": (
+        [Positional("zoo", "zoo folder, or 'bundled'")],
+        {"metric": Option("test_acc", "the metric spread over parents and factors")},
+    ),
+}
+
+
+def plain_arguments(command: str, args: list[str]) -> tuple[dict, dict]:
+    """The arguments and options of a plain command; --help prints them and exits."""
+    positionals, options = PLAIN_COMMANDS[command]
+    if "--help" in args or "-h" in args:
+        print(plain_help(command, COMMANDS[command], positionals, options))
+        sys.exit(0)
+    with one_line_errors(command):
+        return parse(command, args, positionals, options)
+
+
 def verify_command(args: list[str]) -> None:
     from vitzoo.zoo_builder.zoo import Zoo, verify
 
-    parser = argparse.ArgumentParser(prog="vitzoo verify", description=COMMANDS["verify"])
-    parser.add_argument("zoo", help="zoo directory, or 'bundled'")
-    options = parser.parse_args(args)
+    named, _ = plain_arguments("verify", args)
+    zoo = named["zoo"]
     with one_line_errors("verify"):
-        Zoo.open(options.zoo)  # a zoo that cannot be opened is bad input (exit 2), not a problem found (exit 1)
-    problems = verify(options.zoo)
+        Zoo.open(zoo)  # a zoo that cannot be opened is bad input (exit 2), not a problem found (exit 1)
+    problems = verify(zoo)
     for problem in problems:
         print(problem)
     if problems:
-        print(f"vitzoo verify: {len(problems)} problem(s) in {options.zoo}", file=sys.stderr)
+        print(f"vitzoo verify: {len(problems)} problem(s) in {zoo}", file=sys.stderr)
         sys.exit(1)
-    print(f"{options.zoo}: every checkpoint matches its sha256")
+    print(f"{zoo}: every checkpoint matches its sha256")
 
 
 def probe_command(args: list[str]) -> None:
@@ -694,34 +763,29 @@ def probe_command(args: list[str]) -> None:
     from vitzoo.generative.probe import probe
     from vitzoo.zoo_builder.zoo import Zoo, atomic_write_json, code_version
 
-    parser = argparse.ArgumentParser(prog="vitzoo probe", description=COMMANDS["probe"])
-    parser.add_argument("autoencoder", help="autoencoder checkpoint (vitzoo train <zoo> model=autoencoder)")
-    parser.add_argument("zoo", nargs="?", default=None, help="its zoo, if it moved since training")
-    parser.add_argument("--out", default="runs/probe")
-    parser.add_argument("--overwrite", action="store_true", help="replace the report of an earlier probe in --out")
-    parser.add_argument("--threads", type=int, default=None)
-    options = parser.parse_args(args)
-    if options.threads:
-        torch.set_num_threads(options.threads)
-    out = Path(options.out)
+    named, options = plain_arguments("probe", args)
+    checkpoint = named["autoencoder"]
+    if options["threads"]:
+        torch.set_num_threads(options["threads"])
+    out = Path(options["out"])
     with one_line_errors("probe"):
-        prepare_out("probe", out, options.overwrite)
-        bundle = load_autoencoder(options.autoencoder, options.zoo)
+        prepare_out("probe", out, options["overwrite"])
+        bundle = load_autoencoder(checkpoint, options["zoo"])
         rows = probe(bundle)
-        dataset = Zoo.open(options.zoo or bundle.data.zoo_root).dataset
+        dataset = Zoo.open(options["zoo"] or bundle.data.zoo_root).dataset
         measure = measure_on(dataset, "test", bundle.data.num_heads, None)
         reconstruction = {"training models": reconstruction_rows(bundle, measure)}
-        held = held_out_bundle(bundle, options.zoo)
+        held = held_out_bundle(bundle, options["zoo"])
         if held is not None:
             reconstruction[f"models held out of training (holdout={bundle.config.holdout})"] = reconstruction_rows(
                 held, measure
             )
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / "results.json", {"autoencoder": options.autoencoder, "sha256": bundle.sha256,
+        atomic_write_json(out / "results.json", {"autoencoder": checkpoint, "sha256": bundle.sha256,
                                                  "code_version": code_version(), "rows": rows,
                                                  "reconstruction": reconstruction})  # fmt: skip
     lines = [
-        f"# Property probes of {options.autoencoder}",
+        f"# Property probes of {checkpoint}",
         "",
         f"{len(bundle.data)} checkpoints, 5-fold cross-validation grouped by model, code {code_version()}.",
         "",
@@ -753,39 +817,54 @@ def probe_command(args: list[str]) -> None:
 def import_command(args: list[str]) -> None:
     from vitzoo.zoo_builder.importers import IMPORTERS
 
-    parser = argparse.ArgumentParser(prog="vitzoo import", description=COMMANDS["import"])
-    parser.add_argument("layout", choices=sorted(IMPORTERS), help="the foreign layout")
-    parser.add_argument("src", help="folder of the foreign zoo")
-    parser.add_argument("dst", help="zoo folder to write (or a zoo of the same architecture to join)")
-    parser.add_argument("--overwrite", action="store_true", help="replace the zoo in dst instead of joining it")
-    options = parser.parse_args(args)
+    named, options = plain_arguments("import", args)
     with one_line_errors("import"):
-        prepare_out("import", Path(options.dst), options.overwrite)
-        zoo = IMPORTERS[options.layout](Path(options.src), Path(options.dst))
+        if named["layout"] not in IMPORTERS:
+            raise ConfigError(f"unknown layout {named['layout']!r}; layouts: {', '.join(sorted(IMPORTERS))}")
+        prepare_out("import", Path(named["dst"]), options["overwrite"])
+        zoo = IMPORTERS[named["layout"]](Path(named["src"]), Path(named["dst"]))
     print(zoo.summary())
 
 
 def export_command(args: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="vitzoo export", description=COMMANDS["export"],
-                                     epilog="settings: out=<dir> (default runs/export), overwrite=true")  # fmt: skip
-    parser.add_argument("zoo", help="zoo or sampled-zoo folder, or 'bundled'")
-    parser.add_argument("models", nargs="*", help="model ids (default: every model), each at its last epoch")
-    options = parser.parse_args([arg for arg in args if "=" not in arg])
-    settings = {"out": "runs/export", "overwrite": "false"}
-    for key, value in (arg.split("=", 1) for arg in args if "=" in arg):
-        if key not in settings:
-            fail("export", f"unknown setting {key}=; settings: out=<dir>, overwrite=true")
-        settings[key] = value
-    if settings["overwrite"] not in ("true", "false"):
-        fail("export", f"overwrite must be true or false, got {settings['overwrite']!r}")
-    out = Path(settings["out"])
+    named, options = plain_arguments("export", args)
+    out = Path(options["out"])
     with one_line_errors("export"):
-        prepare_out("export", out, settings["overwrite"] == "true")
+        prepare_out("export", out, options["overwrite"])
         from vitzoo.zoo_builder.export import export  # torch and timm: after the cheap checks
 
-        folders = export(options.zoo, out, options.models)
+        folders = export(named["zoo"], out, named["models"])
     print(f"{len(folders)} models exported to {out}; load one with timm.create_model('local-dir:{folders[0]}', "
           "pretrained=True) (MLP heads: after import vitzoo.zoo_builder)")  # fmt: skip
+
+
+def conditioning_command(args: list[str]) -> None:
+    import torch
+
+    named, options = plain_arguments("conditioning", args)
+    if options["threads"]:
+        torch.set_num_threads(options["threads"])
+    out = Path(options["out"])
+    with one_line_errors("conditioning"):
+        prepare_out("conditioning", out, options["overwrite"])
+        from vitzoo.conditioning import conditioning, write_conditioning
+
+        result = conditioning(named["generator"], options["targets"], options["per_target"], options["per_slot"],
+                              options["guidance"], options["seed"], reference=options["reference"])  # fmt: skip
+        write_conditioning(result, out)
+    print((out / "report.md").read_text())
+
+
+def summary_command(args: list[str]) -> None:
+    named, options = plain_arguments("summary", args)
+    with one_line_errors("summary"):
+        from vitzoo.zoo_builder.summary import spread_tables
+        from vitzoo.zoo_builder.zoo import Zoo
+
+        zoo = Zoo.open(named["zoo"])
+        print(zoo.summary())
+        print()
+        print(spread_tables(zoo, options["metric"]))
 
 
 if __name__ == "__main__":

@@ -8,8 +8,8 @@
 A sample that cannot be evaluated (e.g. non-finite weights) has no accuracy: it is left out and counted
 (`unevaluated`), never scored.
 
-python -m vitzoo.conditioning bundled --out runs/conditioning     # the generator shipped beside the bundled zoo
-python -m vitzoo.conditioning generative/bundled/latent_diffusion.safetensors --out runs/conditioning-latent
+vitzoo conditioning bundled out=runs/conditioning     # the generator shipped beside the bundled zoo
+vitzoo conditioning generative/bundled/latent_diffusion.safetensors out=runs/conditioning-latent
 
 The generator is a family diffusion or a latent diffusion checkpoint; measure-and-pick draws its mixtures from
 `reference` (a family generator of the same zoo; by default the family generator itself, or the one shipped beside
@@ -18,7 +18,6 @@ the bundled zoo for a latent diffusion).
 
 from __future__ import annotations
 
-import argparse
 import statistics
 from pathlib import Path
 
@@ -228,23 +227,12 @@ def write_conditioning(result: dict, out: Path) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("generator", help="family or latent diffusion checkpoint, or 'bundled'")
-    parser.add_argument("--reference", default=None, help="family generator for measure-and-pick (see above)")
-    parser.add_argument("--out", default="runs/conditioning")
-    parser.add_argument("--per-target", type=int, default=10)
-    parser.add_argument("--per-slot", type=int, default=10)
-    parser.add_argument("--guidance", type=float, default=2.0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    result = conditioning(
-        args.generator, None, args.per_target, args.per_slot, args.guidance, args.seed, reference=args.reference
-    )
-    out = write_conditioning(result, Path(args.out))
-    print((out / "report.md").read_text())
+    """`python -m` runs `vitzoo conditioning` (same arguments)."""
+    import sys
+
+    from vitzoo.cli import main as cli_main
+
+    cli_main(["conditioning", *sys.argv[1:]])
 
 
 if __name__ == "__main__":

@@ -1,11 +1,10 @@
 """Accuracy spread of a zoo's final models, per parent and per generating factor, as Markdown tables.
 
-python -m vitzoo.zoo_builder.summary bundled          # prints the tables (the bundled zoo's SUMMARY.md)
+vitzoo summary bundled          # prints the tables (the bundled zoo's SUMMARY.md)
 """
 
 from __future__ import annotations
 
-import argparse
 import statistics
 
 from vitzoo.zoo_builder.zoo import Zoo
@@ -78,18 +77,3 @@ def spread_tables(zoo: Zoo, metric: str = "test_acc") -> str:
             if values:
                 lines.append(_row(f"{optimizer}, lr={lr}", values))
     return "\n".join(lines)
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("zoo", help="zoo directory, or 'bundled'")
-    parser.add_argument("--metric", default="test_acc")
-    args = parser.parse_args()
-    zoo = Zoo.open(args.zoo)
-    print(zoo.summary())
-    print()
-    print(spread_tables(zoo, args.metric))
-
-
-if __name__ == "__main__":
-    main()
