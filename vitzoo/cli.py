@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import sys
+import time
 from pathlib import Path
 
 from vitzoo import configs
@@ -253,6 +254,52 @@ def run_hydra(command: str, config_name: str, overrides: list[str], task) -> Non
     hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name=config_name)(guarded)()
 
 
+def run_dir_of(cfg) -> Path:
+    """This run's log folder: Hydra's (a CLI run), or `<out>/logs/<time>` (a run from the Python API)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir)
+    folder = Path(cfg.out) / "logs" / time.strftime("%Y%m%d-%H%M%S")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def run_api(command: str, options: dict):
+    """A Hydra command from Python (`vitzoo.<command>(**options)`): the config composed from the options as the
+    CLI composes it from `key=value` overrides, the same output policy and the same task; bad input raises a
+    `VitzooError` instead of exiting. Returns what the task returns."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from vitzoo.zoo_builder.config import register_schemas
+
+    register_schemas()
+    overrides = [f"{key.replace('__', '.')}={api_value(value)}" for key, value in options.items()]
+    try:
+        [cfg] = validate_overrides(command, overrides)
+    except (HydraException, OmegaConfBaseException) as error:
+        raise ConfigError(_config_error(error).splitlines()[0]) from None
+    prepare_out(command, Path(cfg.out), cfg.overwrite)
+    return HYDRA_TASKS[command](cfg)
+
+
+def api_value(value) -> str:
+    """A Python value as a Hydra override value: plain words as they are, any other string quoted."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(api_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{api_value(v)}" for k, v in value.items()) + "}"
+    text = str(value)
+    return text if re.fullmatch(r"[A-Za-z_][\w.-]*", text) else hydra_value(text)
+
+
 def _config_error(error: Exception) -> str:
     from omegaconf.errors import OmegaConfBaseException
 
@@ -266,9 +313,8 @@ def _config_error(error: Exception) -> str:
     return " ".join(lines[:2]) if lines else type(error).__name__
 
 
-def build_task(cfg) -> None:
+def build_task(cfg) -> Path:
     import torch
-    from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
     from vitzoo.zoo_builder.build import BuildSettings, build
@@ -279,8 +325,7 @@ def build_task(cfg) -> None:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    (run_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(resolved))
+    (run_dir_of(cfg) / "resolved_config.yaml").write_text(OmegaConf.to_yaml(resolved))
     settings = BuildSettings(
         out=out,
         shard=cfg.shard,
@@ -301,6 +346,7 @@ def build_task(cfg) -> None:
         if logger is not None:
             logger.finish()
     print(Zoo.open(out, allow_unfinished=True).summary())  # other shards may still be training
+    return out
 
 
 def epoch_setting(epoch: str) -> str | int:
@@ -319,7 +365,7 @@ def save_policy(cfg):
     return SavePolicy(cfg.keep_last, cfg.keep_init, tuple(cfg.extra_seeds), cfg.extra_keep_last)
 
 
-def evaluate_task(cfg) -> None:
+def evaluate_task(cfg) -> Path:
     import torch
     from omegaconf import OmegaConf
 
@@ -374,9 +420,10 @@ def evaluate_task(cfg) -> None:
         if logger is not None:
             logger.finish()
     print((out / "report.md").read_text())
+    return out / "report.md"
 
 
-def analyze_task(cfg) -> None:
+def analyze_task(cfg) -> Path:
     import torch
     from omegaconf import OmegaConf
 
@@ -393,9 +440,10 @@ def analyze_task(cfg) -> None:
     )  # fmt: skip
     print(headline(results))
     print(f"  report: {Path(cfg.out) / 'report.md'}")
+    return Path(cfg.out) / "report.md"
 
 
-def soup_task(cfg) -> None:
+def soup_task(cfg) -> Path:
     import torch
     from omegaconf import OmegaConf
 
@@ -409,6 +457,7 @@ def soup_task(cfg) -> None:
     out = write_soups(zoo, cfg.dataset or zoo.dataset, list(cfg.k), cfg.parent, Path(cfg.out),
                       OmegaConf.to_container(cfg, resolve=True), select_device(cfg.device), cfg.data_root)  # fmt: skip
     print((out / "report.md").read_text())
+    return out / "report.md"
 
 
 def measure_on(dataset: str, split: str, num_heads: int, data_root: str | None, device="cpu"):
@@ -424,7 +473,7 @@ def measure_on(dataset: str, split: str, num_heads: int, data_root: str | None, 
     return measure
 
 
-def train_task(cfg) -> None:
+def train_task(cfg) -> Path:
     """One process, or one rank of `torchrun --nproc_per_node=N -m vitzoo.cli train ...` (WORLD_SIZE > 1 in the
     environment): every rank trains its share of each batch; rank 0 alone logs, writes and prints."""
     import torch
@@ -459,8 +508,7 @@ def train_task(cfg) -> None:
                               "model=transfer (fine-tunes for parents it never saw)")  # fmt: skip
         zoo = Zoo.open(cfg.path)
         if name == "transfer":
-            train_transfer_task(cfg, zoo, config, out)
-            return
+            return train_transfer_task(cfg, zoo, config, out)
         runtime = start_runtime(cfg.device, cfg.precision)
         if runtime.main:
             logger = make_logger(OmegaConf.to_object(cfg.logger), resolved, str(cfg.path), out, job_type="train")
@@ -499,15 +547,19 @@ def train_task(cfg) -> None:
         if unmeasured:
             print(f"{unmeasured} models could not be evaluated on val: left out of the training labels")
         print(timing_line(json.loads((out / "timing.json").read_text())))
+    return path
 
 
-def train_transfer_task(cfg, zoo, config, out: Path) -> None:
-    """model=transfer: no gradient steps (probe logits of the training fine-tunes), so one process, no logger."""
-    import time
-
+def train_transfer_task(cfg, zoo, config, out: Path) -> Path:
+    """model=transfer: no gradient steps (probe logits of the training fine-tunes), so one process, no logger, and
+    nothing to resume: an out that holds anything (but logs) is refused unless overwrite=true emptied it."""
     from vitzoo.generative.transfer import fit_transfer, save_transfer
     from vitzoo.zoo_builder.models import select_device
 
+    held = sorted(p.name for p in out.iterdir() if p.name != "logs") if out.is_dir() else []
+    if held:
+        raise ConfigError(f"out={out} already holds {', '.join(held[:3])}: pass overwrite=true to replace it, or "
+                          "choose another out")  # fmt: skip
     started = time.perf_counter()
     generator = fit_transfer(zoo, config, cfg.head, list(cfg.holdout_parents), cfg.data_root,
                              select_device(cfg.device))  # fmt: skip
@@ -519,9 +571,10 @@ def train_transfer_task(cfg, zoo, config, out: Path) -> None:
     held = f", held out: {', '.join(generator.held_out)}" if generator.held_out else ""
     print(f"transfer written to {path} ({path.stat().st_size / 1e6:.2f} MB): {runs} fine-tunes of "
           f"{len(generator.parents)} parents{held}; {seconds:.1f} s")  # fmt: skip
+    return path
 
 
-def generalisation_task(cfg) -> None:
+def generalisation_task(cfg) -> dict:
     import torch
     from omegaconf import OmegaConf
 
@@ -552,11 +605,11 @@ def generalisation_task(cfg) -> None:
     path = write_generalisation(report, Path(cfg.out))
     print("\n".join(report_lines(report)[4:12]))
     print(f"report: {path}")
+    return report
 
 
-def demo_task(cfg) -> None:
+def demo_task(cfg) -> dict:
     import torch
-    from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
     from vitzoo.demo import conditioning_line, run_demo, table
@@ -566,9 +619,8 @@ def demo_task(cfg) -> None:
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    (run_dir / "resolved_config.yaml").write_text(OmegaConf.to_yaml(resolved))
+    (run_dir_of(cfg) / "resolved_config.yaml").write_text(OmegaConf.to_yaml(resolved))
     zoo = Zoo.open(cfg.path)
     device = select_device(cfg.device)
     measure = measure_on(zoo.dataset, "val", zoo.architecture.num_heads, cfg.data_root, device)
@@ -590,9 +642,10 @@ def demo_task(cfg) -> None:
     print(f"\n{conditioning_line(summary['conditioning'])}")
     print(f"{summary['soups']}")
     print(f"report: {Path(cfg.out) / 'report.md'} (this run: {summary['this_run_seconds']:.0f} s)")
+    return summary
 
 
-def sample_task(cfg) -> None:
+def sample_task(cfg):
     import torch
 
     from vitzoo.generative.checkpoint import checkpoint_format
@@ -642,6 +695,7 @@ def sample_task(cfg) -> None:
         note = f" ({info['redrawn_as_copies']} draws redrawn as copies)"
     zoo = write_sampled(cfg.out, architecture, dataset, samples, parents)
     print(f"{len(zoo.records)} sampled ViTs written to {cfg.out}{note}")
+    return zoo
 
 
 def sample_transfer_task(cfg, path):
@@ -669,6 +723,11 @@ def sample_transfer_task(cfg, path):
                               cfg.temperature)  # fmt: skip
     dataset = generator.start["dataset"]
     return samples, [name if zoo is not None else None] * len(samples), generator.architecture, dataset
+
+
+HYDRA_TASKS = {"build": build_task, "evaluate": evaluate_task, "analyze": analyze_task, "soup": soup_task,
+               "train": train_task, "sample": sample_task, "generalisation": generalisation_task,
+               "demo": demo_task}  # fmt: skip
 
 
 # -------------------------------------------------------------------------------------- plain commands
