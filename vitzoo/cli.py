@@ -650,9 +650,11 @@ def sample_task(cfg):
 
     from vitzoo.generative.checkpoint import checkpoint_format
     from vitzoo.generative.generator import BUNDLED_GENERATOR, ConditionError, load_generator, sample
+    from vitzoo.generative.generator import GUIDANCE as FAMILY_GUIDANCE
     from vitzoo.generative.hyper import FORMAT as AUTOENCODER_FORMAT
     from vitzoo.generative.hyper import load_autoencoder, sample_kde
     from vitzoo.generative.latent import FORMAT as LATENT_FORMAT
+    from vitzoo.generative.latent import GUIDANCE as LATENT_GUIDANCE
     from vitzoo.generative.latent import load_latent_diffusion, sample_latent
     from vitzoo.generative.transfer import FORMAT as TRANSFER_FORMAT
     from vitzoo.zoo_builder.zoo import Zoo, write_sampled
@@ -670,8 +672,9 @@ def sample_task(cfg):
         if cfg.head is not None:
             raise ConditionError("a latent diffusion samples its autoencoder's own head type: drop head=")
         generator = load_latent_diffusion(path, cfg.zoo)
+        guidance = LATENT_GUIDANCE if cfg.guidance is None else cfg.guidance
         samples, parents = sample_latent(generator, cfg.n, cfg.seed, cfg.parent, cfg.target_acc, cfg.optimizer,
-                                         cfg.lr, cfg.guidance, cfg.steps)  # fmt: skip
+                                         cfg.lr, guidance, cfg.steps)  # fmt: skip
         data = generator.bundle.data
         architecture, dataset, note = data.architecture, Zoo.open(cfg.zoo or data.zoo_root).dataset, ""
     elif kind == AUTOENCODER_FORMAT:
@@ -686,9 +689,10 @@ def sample_task(cfg):
         generator = load_generator(path, cfg.zoo)
         basis = generator.basis
         measure = measure_on(basis.dataset, "val", basis.architecture.num_heads, cfg.data_root)  # method=pick
+        guidance = FAMILY_GUIDANCE if cfg.guidance is None else cfg.guidance
         samples, parents, info = sample(
             generator, cfg.n, cfg.seed, cfg.method or "mix", cfg.parent, cfg.target_acc, cfg.optimizer, cfg.lr,
-            cfg.guidance, cfg.steps, novel_only=cfg.novel_only, distance=cfg.distance, head=cfg.head,
+            guidance, cfg.steps, novel_only=cfg.novel_only, distance=cfg.distance, head=cfg.head,
             measure=measure, pool=cfg.pool,
         )  # fmt: skip
         architecture, dataset = generator.basis.architecture, generator.basis.dataset
@@ -775,7 +779,7 @@ PLAIN_COMMANDS = {  # commands without Hydra: their arguments and key=value opti
             ),
             "per_target": Option(10, "samples per target", int),
             "per_slot": Option(10, "samples per optimizer/lr", int),
-            "guidance": Option(2.0, "classifier-free guidance scale", float),
+            "guidance": Option(None, "classifier-free guidance scale (null: the sampler's own)", float),
             "seed": Option(0, "of the draws", int),
             "out": Option("runs/conditioning", "report.md, results.json, plot"),
             "overwrite": Option(False, "replace an earlier report in out", bool),

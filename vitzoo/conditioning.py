@@ -26,8 +26,10 @@ from scipy.stats import spearmanr
 
 from vitzoo.eval.evaluation import evaluate
 from vitzoo.generative.checkpoint import checkpoint_format
+from vitzoo.generative.generator import GUIDANCE as FAMILY_GUIDANCE
 from vitzoo.generative.generator import load_generator, sample
 from vitzoo.generative.latent import FORMAT as LATENT_FORMAT
+from vitzoo.generative.latent import GUIDANCE as LATENT_GUIDANCE
 from vitzoo.generative.latent import load_latent_diffusion, sample_latent
 from vitzoo.zoo_builder.zoo import ZooError, atomic_write_json, code_version
 
@@ -37,24 +39,24 @@ def conditioning(
     targets: list[float] | None = None,
     per_target: int = 10,
     per_slot: int = 10,
-    guidance: float = 2.0,
+    guidance: float | None = None,
     seed: int = 0,
     split: str = "test",
     pool: int = 300,
     reference: str | Path | None = None,
 ) -> dict:
     """The generator's conditioning, and measure-and-pick's at the same targets (no learning: `pool` mixtures
-    measured on validation per target) as its reference."""
+    measured on validation per target) as its reference. `guidance` None: the sampler's own default."""
     if checkpoint_format(generator_path) == LATENT_FORMAT:  # "bundled" is the family generator
         latent = load_latent_diffusion(generator_path)
-        sha256 = latent.sha256
+        sha256, guidance = latent.sha256, LATENT_GUIDANCE if guidance is None else guidance
         family_generator, method, stats = load_generator(reference or "bundled"), "latent diffusion", latent.stats
 
         def draw(n: int, seed: int, **condition):
             return sample_latent(latent, n, seed, guidance=guidance, **condition)[0]
     else:
         generator = load_generator(generator_path)
-        sha256 = generator.sha256
+        sha256, guidance = generator.sha256, FAMILY_GUIDANCE if guidance is None else guidance
         family_generator, method, stats = (
             load_generator(reference) if reference else generator,
             "diffusion",
@@ -62,10 +64,9 @@ def conditioning(
         )
 
         def draw(n: int, seed: int, **condition):
-            # a slot condition asks for that slot's run, which the diffusion can reproduce: its draws are kept as
-            # drawn (novel_only would redraw them without end); the demo measures how many are copies
-            slot = condition.get("optimizer") is not None
-            return sample(generator, n, seed, "diffusion", guidance=guidance, novel_only=not slot, **condition)[0]
+            # kept as drawn: a rejection filter has no place in a measurement (and a condition that asks for a run,
+            # such as a slot or the top target, would be redrawn without end); the demo measures how many are copies
+            return sample(generator, n, seed, "diffusion", guidance=guidance, novel_only=False, **condition)[0]
 
     basis = family_generator.basis
     num_heads = basis.architecture.num_heads

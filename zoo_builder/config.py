@@ -144,7 +144,7 @@ class SampleConfig:
     target_acc: Optional[float] = None
     optimizer: Optional[str] = None
     lr: Optional[float] = None
-    guidance: float = 2.0
+    guidance: Optional[float] = None  # null: the sampler's own (family diffusion 2.0, latent diffusion 1.0)
     steps: int = 50
     novel_only: bool = True
     distance: Optional[float] = None  # method=noise: the noise's L2 norm
