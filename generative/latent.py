@@ -449,11 +449,13 @@ def sample_latent(
     lr: float | None = None,
     guidance: float = GUIDANCE,
     steps: int = 50,
+    temperature: float = 1.0,
 ) -> tuple[list[tuple[StateDict, dict, dict]], list[str]]:
     """n models as (state_dict, factors, head) and their parents: latents and log scale drawn by DDIM with
     classifier-free guidance on `target_acc` (validation accuracy) and `optimizer`+`lr`, for families drawn
     uniformly (of `parent` only, if given), decoded through the autoencoder onto the family's start. `guidance` 1
-    is the plain conditional model (see GUIDANCE)."""
+    is the plain conditional model (see GUIDANCE); `temperature` scales the initial noise (1: as trained; lower
+    trades within-family spread for accuracy: `python -m benchmarks.latent_temperature`)."""
     data, stats, model = generator.bundle.data, generator.stats, generator.model
     if n <= 0:
         raise ConditionError(f"n must be positive, got {n}")
@@ -464,6 +466,8 @@ def sample_latent(
                              f"[{stats['accuracy_min']:.3f}, {stats['accuracy_max']:.3f}]")  # fmt: skip
     if (optimizer is None) != (lr is None):
         raise ConditionError("condition on optimizer and lr together (a slot is the pair)")
+    if not temperature >= 0:
+        raise ConditionError(f"temperature must be >= 0, got {temperature}")
     slot = None
     if optimizer is not None:
         if (optimizer, float(lr)) not in generator.slots:
@@ -477,8 +481,8 @@ def sample_latent(
     family = torch.as_tensor(families)[torch.randint(len(families), (n,), generator=rng)]
     components = generator.config.components
     shape = (components, 1) if components else tuple(stats["latent_mean"].shape)
-    x = torch.randn(n, *shape, generator=rng)  # [n, T, k] or [n, K, 1]
-    s = torch.randn(n, generator=rng)
+    x = temperature * torch.randn(n, *shape, generator=rng)  # [n, T, k] or [n, K, 1]
+    s = temperature * torch.randn(n, generator=rng)
     standardised = 0.0 if target_acc is None else (target_acc - stats["accuracy_mean"]) / stats["accuracy_std"]
     accuracy = torch.full((n,), standardised)
     has_accuracy = torch.full((n,), target_acc is not None)
@@ -505,7 +509,8 @@ def sample_latent(
         parent_id, head, head_hidden, head_seed, _ = data.families[f]
         factors = {"method": "latent_diffusion", "space": "latent", "generator": generator.sha256,
                    "family_seed": head_seed, "target_acc": target_acc, "optimizer": optimizer, "lr": lr,
-                   "guidance": guidance if conditioned else None, "sample_seed": seed}  # fmt: skip
+                   "guidance": guidance if conditioned else None, "temperature": temperature,
+                   "sample_seed": seed}  # fmt: skip
         head_spec = {"head": head, "head_hidden": head_hidden, "num_classes": data.entries[0].head["num_classes"]}
         samples.append((data.decode(values, f, 10**scale), factors, head_spec))
         parents.append(parent_id)

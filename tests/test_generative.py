@@ -486,6 +486,14 @@ def test_latent_diffusion_samples_whole_models_for_its_conditions(tmp_path, comp
     again, _ = latent.sample_latent(generator, 3, seed=1, parent=parent, target_acc=(low + high) / 2,
                                     optimizer="sgd", lr=1e-3, steps=4)  # fmt: skip
     assert all(torch.equal(a[0][k], b[0][k]) for a, b in zip(samples, again) for k in first)
+    # temperature 0: no initial noise, so draws of one family under one condition are the same model
+    cold, _ = latent.sample_latent(generator, 8, seed=2, parent=parent, steps=4, temperature=0.0)
+    by_family: dict = {}
+    for state_dict, factors, _ in cold:
+        by_family.setdefault(factors["family_seed"], []).append(state_dict)
+    assert any(len(members) > 1 for members in by_family.values())
+    assert all(torch.equal(m[0][k], other[k]) for m in by_family.values() for other in m[1:] for k in first)
+    assert cold[0][1]["temperature"] == 0.0
     write_sampled(tmp_path / "samples", data.architecture, "digits", samples, parents)
     Zoo.open(tmp_path / "samples")[0].model()
     refused = (
@@ -494,6 +502,7 @@ def test_latent_diffusion_samples_whole_models_for_its_conditions(tmp_path, comp
         ({"steps": 51}, "steps"),
         ({"optimizer": "lion", "lr": 1e-3}, "not a trained condition"),
         ({"parent": "nobody"}, "parent"),
+        ({"temperature": -1.0}, "temperature"),
     )
     for bad, message in refused:
         with pytest.raises(ConditionError, match=message):

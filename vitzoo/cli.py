@@ -673,8 +673,9 @@ def sample_task(cfg):
             raise ConditionError("a latent diffusion samples its autoencoder's own head type: drop head=")
         generator = load_latent_diffusion(path, cfg.zoo)
         guidance = LATENT_GUIDANCE if cfg.guidance is None else cfg.guidance
+        temperature = 1.0 if cfg.temperature is None else cfg.temperature
         samples, parents = sample_latent(generator, cfg.n, cfg.seed, cfg.parent, cfg.target_acc, cfg.optimizer,
-                                         cfg.lr, guidance, cfg.steps)  # fmt: skip
+                                         cfg.lr, guidance, cfg.steps, temperature)  # fmt: skip
         data = generator.bundle.data
         architecture, dataset, note = data.architecture, Zoo.open(cfg.zoo or data.zoo_root).dataset, ""
     elif kind == AUTOENCODER_FORMAT:

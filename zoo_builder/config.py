@@ -151,7 +151,7 @@ class SampleConfig:
     head: Optional[str] = None  # linear | mlp: only families of this head type (a generator trained with head=all)
     zoo: Optional[str] = None  # where the generator's zoo is, when it moved
     head_seed: Optional[int] = None  # transfer: the seed of the new parent's fresh head (null: 0)
-    temperature: Optional[float] = None  # transfer: spread of the drawn logits (null: the generator's own)
+    temperature: Optional[float] = None  # transfer: logits' spread; latent diffusion: initial noise scale (null: own)
     threads: Optional[int] = None
 
 
