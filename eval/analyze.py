@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from vitzoo.errors import ConfigError
+from vitzoo.eval.html import write_report
 from vitzoo.zoo_builder.zoo import BUNDLED, Zoo, ZooEntry
 
 KINDS = ("same model", "siblings", "parent-child", "across parents")  # pair kinds; -1 on the diagonal
@@ -466,7 +467,7 @@ def write_analysis(
         _embedding(tsne(x), colourings, "t-SNE of the flattened body", out / "embedding_tsne.png")
     for stage in dict.fromkeys(stages):
         _factor_plot([e for e in entries if e.stage == stage], f"{split}_acc", stage, out / f"factors_{stage}.png")
-    (out / "report.md").write_text(_report(results, out))
+    write_report(out, _report(results, out))
     return results
 
 

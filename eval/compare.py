@@ -20,6 +20,7 @@ import torch
 
 from vitzoo.eval.evaluation import evaluate
 from vitzoo.eval.finetune import FinetuneRecipe, finetune_curves
+from vitzoo.eval.html import write_report
 from vitzoo.eval.novelty import COPY_RATIO, NoveltyReference, shared_keys, summarize
 from vitzoo.zoo_builder.baselines import gaussian, noise_around, random_init
 from vitzoo.zoo_builder.data import load_split
@@ -314,7 +315,7 @@ def write_comparison(comparison: dict, out: Path, config: dict | None = None) ->
     failures = [m for m in comparison["models"] if m.get("error")]
     if failures:
         lines += ["## Failed", ""] + [f"- {m['population']} {m['name']}: {m['error']}" for m in failures] + [""]
-    (out / "report.md").write_text("\n".join(lines))
+    write_report(out, "\n".join(lines))
     return out
 
 

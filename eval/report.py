@@ -14,6 +14,7 @@ from safetensors.torch import save
 
 from vitzoo.eval.evaluation import evaluate
 from vitzoo.eval.finetune import FinetuneRecipe, finetune_curves
+from vitzoo.eval.html import write_report
 from vitzoo.zoo_builder.zoo import Zoo, atomic_write_bytes, atomic_write_json, code_version
 
 
@@ -72,10 +73,10 @@ def write_evaluation(
             metadata[f"models/{name}"] = ",".join(r.name for r in evaluated)
     if tensors:
         atomic_write_bytes(out / "predictions.safetensors", save(tensors, metadata))
-    (out / "report.md").write_text(_report(selection, split, rows, finetune))
     _histogram(rows, out / "accuracy.png", split)
     if curves:
         _finetune_plot(rows, out / "finetune.png", split)
+    write_report(out, _report(selection, split, rows, finetune))
     return out
 
 

@@ -20,6 +20,7 @@ import torch
 
 from vitzoo.errors import ConfigError
 from vitzoo.eval.evaluation import evaluate
+from vitzoo.eval.html import write_report
 from vitzoo.zoo_builder.zoo import Zoo
 
 
@@ -215,9 +216,9 @@ def write_soups(
         lines += [epoch_soup_table(soups) if soups else f"(no model keeps {k} checkpoints)", ""]
     lines += ["## Soups of each parent's fine-tunes (per head type)", "", parent_soup_table(parents), "",
               "![gains](gains.png)", ""]  # fmt: skip
-    (out / "report.md").write_text("\n".join(lines))
     gains = {k: [s.gain for s in soups if s.error is None] for k, soups in epochs.items()}
     _gains_plot({k: values for k, values in gains.items() if values}, out / "gains.png")
+    write_report(out, "\n".join(lines))
     return out
 
 

@@ -158,5 +158,6 @@ def test_leave_one_parent_out_on_three_parents(tmp_path, zoo):
     assert report["bars"]["0.5x real fine-tunes"] and report["timing"]["fit_max"] < 60
     path = write_generalisation(report, tmp_path)
     assert "| transfer samples |" in path.read_text() and (tmp_path / "learning_curve.png").stat().st_size > 0
+    assert "data:image/png;base64," in (tmp_path / "report.html").read_text()
     with pytest.raises(ConfigError, match="sizes"):
         leave_one_parent_out(view, CONFIG, GeneralisationSettings(sizes=[2]), log=lambda line: None)

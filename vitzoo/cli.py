@@ -823,6 +823,7 @@ def verify_command(args: list[str]) -> None:
 def probe_command(args: list[str]) -> None:
     import torch
 
+    from vitzoo.eval.html import write_report
     from vitzoo.generative.hyper import held_out_bundle, load_autoencoder, reconstruction_rows
     from vitzoo.generative.probe import probe
     from vitzoo.zoo_builder.zoo import Zoo, atomic_write_json, code_version
@@ -874,7 +875,7 @@ def probe_command(args: list[str]) -> None:
             "",
         ]  # fmt: skip
     with one_line_errors("probe"):
-        (out / "report.md").write_text("\n".join(lines))
+        write_report(out, "\n".join(lines))
     print((out / "report.md").read_text())
 
 

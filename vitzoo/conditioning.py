@@ -25,6 +25,7 @@ import torch
 from scipy.stats import spearmanr
 
 from vitzoo.eval.evaluation import evaluate
+from vitzoo.eval.html import write_report
 from vitzoo.generative.checkpoint import checkpoint_format
 from vitzoo.generative.generator import GUIDANCE as FAMILY_GUIDANCE
 from vitzoo.generative.generator import load_generator, sample
@@ -223,7 +224,7 @@ def write_conditioning(result: dict, out: Path) -> Path:
     reproduced = ", ".join(f"{k}: {'yes' if v else 'no'}" for k, v in result["ordering_reproduced"].items())
     lines += ["", f"Per-factor ordering of the zoo reproduced by the conditioned samples: {reproduced}."]
     lines += ["", "![conditioning](conditioning.png)", ""]
-    (out / "report.md").write_text("\n".join(lines))
+    write_report(out, "\n".join(lines))
     return out
 
 

@@ -34,6 +34,7 @@ from omegaconf import OmegaConf
 from vitzoo.errors import ConfigError
 from vitzoo.eval.compare import GAUSSIAN, NOISE, RANDOM, ZOO, compare, write_comparison
 from vitzoo.eval.finetune import FinetuneRecipe
+from vitzoo.eval.html import write_report
 from vitzoo.eval.soups import write_soups
 from vitzoo.generative.checkpoint import read_checkpoint
 from vitzoo.generative.diffusion import DiffusionConfig
@@ -256,7 +257,7 @@ def _report(cfg, zoo: Zoo, out: Path, context: Context) -> None:
         "Full comparison: evaluation/report.md; the sampled population: samples/ (zoo format).",
         "",
     ]
-    (out / "report.md").write_text("\n".join(lines))
+    write_report(out, "\n".join(lines))
 
 
 BAND = 0.05  # the zoo runs a target is compared with: validation accuracy within this of it

@@ -28,6 +28,7 @@ import torch
 from vitzoo.errors import ConfigError
 from vitzoo.eval.evaluation import evaluate
 from vitzoo.eval.finetune import FinetuneRecipe, finetune_curves
+from vitzoo.eval.html import write_report
 from vitzoo.eval.novelty import NoveltyReference, summarize
 from vitzoo.generative.data import slot_of
 from vitzoo.generative.transfer import (
@@ -268,8 +269,7 @@ def write_generalisation(report: dict, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "report.json", report)
     _plot(report, out / "learning_curve.png")
-    (out / "report.md").write_text("\n".join(report_lines(report)) + "\n")
-    return out / "report.md"
+    return write_report(out, "\n".join(report_lines(report)) + "\n")
 
 
 def report_lines(report: dict) -> list[str]:
