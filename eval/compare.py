@@ -216,7 +216,8 @@ EMBEDDING_COORDINATES = 100_000  # weights per model the embedding reads (a fixe
 def _embed(populations: dict, names: list[str], seed: int) -> None:
     """Set `member["embedding"]` = [x, y] for every evaluated member of the named populations: their first two
     principal components, fitted jointly on all of them (the zoo and every sampled population; the random-init
-    and Gaussian baselines lie ~15x farther away and would squash the picture). Raw weights, no alignment."""
+    and Gaussian baselines lie ~15x farther away and would squash the picture). Raw weights, no alignment. Also
+    `member["tsne"]`: scikit-learn's t-SNE of their top 50 principal components (neighbourhoods, not distances)."""
     members = [m for name in names for m in populations[name] if m.get("error") is None]
     keys = shared_keys([m["state_dict"] for m in members])
     size = sum(members[0]["state_dict"][k].numel() for k in keys)
@@ -230,8 +231,16 @@ def _embed(populations: dict, names: list[str], seed: int) -> None:
     weights = torch.stack(rows)  # [models, P]
     centred = weights - weights.mean(dim=0)
     _, _, directions = torch.linalg.svd(centred, full_matrices=False)
-    for member, point in zip(members, (centred @ directions[:2].T).tolist()):
+    projected = centred @ directions[:50].T  # [models, <=50]
+    for member, point in zip(members, projected[:, :2].tolist()):
         member["embedding"] = point
+    if len(members) >= 5:
+        from sklearn.manifold import TSNE
+
+        perplexity = min(30.0, (len(members) - 1) / 3)
+        tsne = TSNE(2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(projected.numpy())
+        for member, point in zip(members, tsne.tolist()):
+            member["tsne"] = point
 
 
 def _public(member: dict) -> dict:
@@ -356,21 +365,25 @@ def _plots(comparison: dict, out: Path) -> None:
 
     embedded = {name: [m for m in by_population[name] if m.get("embedding")] for name in names}
     if any(embedded.values()):
-        figure, (left, right) = plt.subplots(1, 2, figsize=(12, 5))
-        for name, members in embedded.items():
-            if members:
-                x, y = zip(*(m["embedding"] for m in members))
-                left.scatter(x, y, s=30 if name == ZOO else 10, alpha=0.8 if name == ZOO else 0.5, label=name,
-                             marker="s" if name == ZOO else "o", color="k" if name == ZOO else None)  # fmt: skip
-        everyone = [m for members in embedded.values() for m in members if m.get("accuracy") is not None]
-        x, y = zip(*(m["embedding"] for m in everyone))
-        points = right.scatter(x, y, s=10, c=[m["accuracy"] for m in everyone], cmap="viridis", vmin=0, vmax=1)
-        figure.colorbar(points, ax=right, label=f"{comparison['split']} accuracy")
-        for axis, title in ((left, "population"), (right, "accuracy")):
-            axis.set_xlabel("PC 1 (weights)")
-            axis.set_ylabel("PC 2")
-            axis.set_title(f"zoo and samples in one weight-space PCA, by {title}")
-        left.legend(fontsize=7)
+        views = [("embedding", "weight-space PCA", "PC")] + [("tsne", "t-SNE of the weights", "t-SNE")] * any(
+            m.get("tsne") for members in embedded.values() for m in members
+        )
+        figure, axes = plt.subplots(len(views), 2, figsize=(12, 5 * len(views)), squeeze=False)
+        for (key, view, axis_name), (left, right) in zip(views, axes):
+            for name, members in embedded.items():
+                if members:
+                    x, y = zip(*(m[key] for m in members))
+                    left.scatter(x, y, s=30 if name == ZOO else 10, alpha=0.8 if name == ZOO else 0.5, label=name,
+                                 marker="s" if name == ZOO else "o", color="k" if name == ZOO else None)  # fmt: skip
+            everyone = [m for members in embedded.values() for m in members if m.get("accuracy") is not None]
+            x, y = zip(*(m[key] for m in everyone))
+            points = right.scatter(x, y, s=10, c=[m["accuracy"] for m in everyone], cmap="viridis", vmin=0, vmax=1)
+            figure.colorbar(points, ax=right, label=f"{comparison['split']} accuracy")
+            for axis, title in ((left, "population"), (right, "accuracy")):
+                axis.set_xlabel(f"{axis_name} 1")
+                axis.set_ylabel(f"{axis_name} 2")
+                axis.set_title(f"zoo and samples in one {view}, by {title}")
+            left.legend(fontsize=7)
         figure.tight_layout()
         figure.savefig(out / "embedding.png", dpi=100)
         plt.close(figure)

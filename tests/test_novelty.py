@@ -215,3 +215,6 @@ def test_cli_evaluate_samples_with_reference_and_finetuning(tmp_path, tiny_zoo):
     assert points.shape == (8, 2) and (out / "embedding.png").stat().st_size > 0
     assert points.mean(dim=0).abs().max() < 1e-6 * points.abs().max()
     assert points[:, 0].var() >= points[:, 1].var() > 0
+    tsne = torch.tensor([m["tsne"] for m in results["models"]])  # and a t-SNE of the same models
+    assert tsne.shape == (8, 2) and torch.isfinite(tsne).all() and tsne.std(dim=0).min() > 0
+    assert "data:image/png;base64," in (out / "report.html").read_text()
