@@ -54,7 +54,8 @@ def targets(bundle: AutoencoderBundle) -> dict[str, tuple[str, np.ndarray]]:
     return properties
 
 
-def cross_validated(features: np.ndarray, kind: str, y: np.ndarray, groups: np.ndarray) -> float:
+def cross_validated(features: np.ndarray, kind: str, y: np.ndarray, groups: np.ndarray) -> tuple[float, np.ndarray]:
+    """The held-out score (R2 or accuracy) and every checkpoint's held-out prediction."""
     predictions = np.empty(len(y), dtype=y.dtype if kind == "classification" else float)
     for train, test in GroupKFold(n_splits=5).split(features, y, groups):
         if kind == "regression":
@@ -63,21 +64,59 @@ def cross_validated(features: np.ndarray, kind: str, y: np.ndarray, groups: np.n
             model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
         model.fit(features[train], y[train])
         predictions[test] = model.predict(features[test])
-    return r2_score(y, predictions) if kind == "regression" else accuracy_score(y, predictions)
+    return (r2_score(y, predictions) if kind == "regression" else accuracy_score(y, predictions)), predictions
 
 
 def probe(bundle: AutoencoderBundle) -> list[dict]:
-    """One row per property: the embedding's and the weight-statistics baseline's held-out score."""
+    """One row per property: the embedding's and the weight-statistics baseline's held-out score, and the true
+    values with both probes' held-out predictions (for `plot_probes`)."""
     embedded = embeddings(bundle).double().numpy()
     seen = body if bundle.data.head == "all" else dict  # the autoencoder saw bodies alone; so does the baseline
     statistics = torch.stack([weight_statistics(seen(e.state_dict())) for e in bundle.data.entries]).numpy()
     groups = np.array([e.model_id for e in bundle.data.entries])
     rows = []
     for name, (kind, y) in targets(bundle).items():
+        score, predicted = cross_validated(embedded, kind, y, groups)
+        baseline, baseline_predicted = cross_validated(statistics, kind, y, groups)
         rows.append({
             "property": name,
             "metric": "R2" if kind == "regression" else "accuracy",
-            "embedding": cross_validated(embedded, kind, y, groups),
-            "weight_statistics": cross_validated(statistics, kind, y, groups),
+            "embedding": score,
+            "weight_statistics": baseline,
+            "true": y.tolist(),
+            "predicted": predicted.tolist(),
+            "baseline_predicted": baseline_predicted.tolist(),
         })  # fmt: skip
     return rows
+
+
+def plot_probes(rows: list[dict], path) -> None:
+    """One panel per property: held-out prediction against the truth (regression: the embedding's probe, the
+    baseline's in grey, the diagonal dashed), or the embedding probe's confusion matrix (classification)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import confusion_matrix
+
+    figure, axes = plt.subplots(1, len(rows), figsize=(4 * len(rows), 4), squeeze=False)
+    for axis, row in zip(axes[0], rows):
+        if row["metric"] == "R2":
+            axis.scatter(row["true"], row["baseline_predicted"], s=6, color="0.7", label="weight statistics")
+            axis.scatter(row["true"], row["predicted"], s=6, label="model embedding")
+            low, high = min(row["true"]), max(row["true"])
+            axis.plot([low, high], [low, high], "k--", linewidth=1)
+            axis.set(xlabel=f"true {row['property']}", ylabel="predicted (held out)")
+            axis.legend(fontsize=7)
+        else:
+            labels = sorted(set(row["true"]))
+            matrix = confusion_matrix(row["true"], row["predicted"], labels=labels)
+            axis.imshow(matrix, cmap="Blues")
+            ticks = [str(label)[-6:] for label in labels]
+            axis.set_xticks(range(len(labels)), ticks, rotation=90, fontsize=6)
+            axis.set_yticks(range(len(labels)), ticks, fontsize=6)
+            axis.set(xlabel="predicted (held out)", ylabel="true")
+        axis.set_title(f"{row['property']}: {row['metric']} {row['embedding']:.3f}", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)

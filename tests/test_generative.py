@@ -190,6 +190,7 @@ def test_cli_trains_both_models_and_samples_and_probes_the_autoencoder(tmp_path)
     assert wrong.returncode == 2 and "method=kde" in wrong.stderr
     probe = run_cli("probe", str(checkpoint), f"out={tmp_path / 'probe'}")
     assert "| test accuracy | R2 |" in probe.stdout and (tmp_path / "probe" / "results.json").exists()
+    assert (tmp_path / "probe" / "probes.png").stat().st_size > 0 and (tmp_path / "probe" / "report.html").exists()
     bad = run_cli("train", "bundled", "model=autoencoder", "+model.bogus=1", f"out={tmp_path / 'y'}", check=False)
     assert bad.returncode == 2 and "bogus" in bad.stderr
 
@@ -317,7 +318,7 @@ def test_a_generator_over_both_head_types_samples_the_head_it_is_asked_for(tmp_p
 
 
 def test_an_autoencoder_over_both_head_types_embeds_bodies_and_probes_head_type(tmp_path):
-    from vitzoo.generative.probe import probe
+    from vitzoo.generative.probe import plot_probes, probe
 
     zoo = Zoo.open("bundled")
     both = DeltaSet(zoo, head="all")
@@ -331,6 +332,11 @@ def test_an_autoencoder_over_both_head_types_embeds_bodies_and_probes_head_type(
     bundle = load_autoencoder(train_autoencoder(zoo, tmp_path, config, head="all", progress=False))
     rows = {row["property"]: row for row in probe(bundle)}
     assert 0.0 <= rows["head type"]["embedding"] <= 1.0 and rows["head type"]["weight_statistics"] > 0.6  # chance: 0.5
+    accuracy = rows["test accuracy"]  # held-out predictions beside the truth, one per checkpoint, for the figure
+    assert len(accuracy["true"]) == len(accuracy["predicted"]) == len(accuracy["baseline_predicted"]) == len(both)
+    assert set(rows["head type"]["predicted"]) <= {"linear", "mlp"}
+    plot_probes(list(rows.values()), tmp_path / "probes.png")
+    assert (tmp_path / "probes.png").stat().st_size > 0
     with pytest.raises(ConditionError, match="bodies of both head types"):
         sample_kde(bundle, 2)
 

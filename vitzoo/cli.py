@@ -825,7 +825,7 @@ def probe_command(args: list[str]) -> None:
 
     from vitzoo.eval.html import write_report
     from vitzoo.generative.hyper import held_out_bundle, load_autoencoder, reconstruction_rows
-    from vitzoo.generative.probe import probe
+    from vitzoo.generative.probe import plot_probes, probe
     from vitzoo.zoo_builder.zoo import Zoo, atomic_write_json, code_version
 
     named, options = plain_arguments("probe", args)
@@ -846,6 +846,7 @@ def probe_command(args: list[str]) -> None:
                 held, measure
             )
         out.mkdir(parents=True, exist_ok=True)
+        plot_probes(rows, out / "probes.png")
         atomic_write_json(out / "results.json", {"autoencoder": checkpoint, "sha256": bundle.sha256,
                                                  "code_version": code_version(), "rows": rows,
                                                  "reconstruction": reconstruction})  # fmt: skip
@@ -857,6 +858,8 @@ def probe_command(args: list[str]) -> None:
         "| property | metric | model embedding | weight statistics (baseline) |",
         "|---|---|---|---|",
         *[f"| {r['property']} | {r['metric']} | {r['embedding']:.3f} | {r['weight_statistics']:.3f} |" for r in rows],
+        "",
+        "![held-out predictions against the truth](probes.png)",
         "",
     ]
     for which, table in reconstruction.items():
