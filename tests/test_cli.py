@@ -241,6 +241,29 @@ def test_wandb_logger_logs_report_tables_and_plots(tmp_path):
     assert b"summary_table" in logged and b"accuracy_plot" in logged
 
 
+def test_reports_of_analyze_soup_and_generalisation_go_to_wandb(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from omegaconf import OmegaConf
+
+    from vitzoo.cli import log_outputs, validate_overrides
+    from vitzoo.zoo_builder.config import register_schemas
+
+    register_schemas()
+    plt.plot([0, 1], [0, 1])
+    plt.savefig(tmp_path / "gains.png")
+    plt.close()
+    (tmp_path / "results.json").write_text(json.dumps({"zoo": "bundled", "soups": [{"parent": "p", "gain": 0.01}]}))
+    for command in ("analyze", "soup", "generalisation"):
+        [cfg] = validate_overrides(command, ["path=bundled", "logger=wandb", f"out={tmp_path}"])
+        assert OmegaConf.to_object(cfg.logger).kind == "wandb"
+    log_outputs(cfg, tmp_path, "soup")  # the tables found in results.json, every figure in out
+    logged = offline_run_bytes(tmp_path)
+    assert b"soups" in logged and b"gains" in logged
+
+
 def one_line(result, command: str) -> str:
     lines = result.stderr.strip().splitlines()
     prefix = f"vitzoo {command}: error:" if command else "vitzoo: error:"

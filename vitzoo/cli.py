@@ -254,6 +254,27 @@ def run_hydra(command: str, config_name: str, overrides: list[str], task) -> Non
     hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name=config_name)(guarded)()
 
 
+def log_outputs(cfg, out: Path, job_type: str, tables: dict[str, list[dict]] | None = None) -> None:
+    """With `logger=wandb`: the report's tables (given, or every list of rows in out/results.json) and every figure
+    in `out`, as one run of `job_type` grouped by the zoo; nothing with `logger=none`."""
+    from omegaconf import OmegaConf
+
+    from vitzoo.zoo_builder.logger import make_logger
+
+    logger = make_logger(OmegaConf.to_object(cfg.logger), OmegaConf.to_container(cfg, resolve=True), str(cfg.path),
+                         out, job_type=job_type)  # fmt: skip
+    if logger is None:
+        return
+    try:
+        if tables is None:
+            results = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
+            tables = {key: rows for key, rows in results.items()
+                      if isinstance(rows, list) and rows and all(isinstance(row, dict) for row in rows)}  # fmt: skip
+        logger.log_report(tables, {path.stem: path for path in sorted(out.glob("*.png"))})
+    finally:
+        logger.finish()
+
+
 def run_dir_of(cfg) -> Path:
     """This run's log folder: Hydra's (a CLI run), or `<out>/logs/<time>` (a run from the Python API)."""
     from hydra.core.hydra_config import HydraConfig
@@ -438,6 +459,7 @@ def analyze_task(cfg) -> Path:
         zoo, selection, Path(cfg.out), OmegaConf.to_container(cfg, resolve=True), dataset=cfg.dataset,
         split=cfg.split, cka_batch=cfg.cka_batch, data_root=cfg.data_root, progress=cfg.progress,
     )  # fmt: skip
+    log_outputs(cfg, Path(cfg.out), "analyze")
     print(headline(results))
     print(f"  report: {Path(cfg.out) / 'report.md'}")
     return Path(cfg.out) / "report.md"
@@ -456,6 +478,7 @@ def soup_task(cfg) -> Path:
     zoo = Zoo.open(cfg.path)
     out = write_soups(zoo, cfg.dataset or zoo.dataset, list(cfg.k), cfg.parent, Path(cfg.out),
                       OmegaConf.to_container(cfg, resolve=True), select_device(cfg.device), cfg.data_root)  # fmt: skip
+    log_outputs(cfg, out, "soup")
     print((out / "report.md").read_text())
     return out / "report.md"
 
@@ -603,6 +626,9 @@ def generalisation_task(cfg) -> dict:
                                       str(select_device(cfg.device)), cfg.data_root)  # fmt: skip
     report = leave_one_parent_out(Zoo.open(cfg.path), config, settings)
     path = write_generalisation(report, Path(cfg.out))
+    log_outputs(cfg, Path(cfg.out), "generalisation",
+                {"parents": report["parents"], "slots": report["slots"], "curve": report["curve"],
+                 "overall": [{"start": kind, **stat} for kind, stat in report["overall"].items()]})  # fmt: skip
     print("\n".join(report_lines(report)[4:12]))
     print(f"report: {path}")
     return report

@@ -92,6 +92,7 @@ class AnalyzeConfig:
     threads: Optional[int] = None
     data_root: Optional[str] = None
     progress: bool = True
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
 
 
 @dataclass
@@ -105,6 +106,7 @@ class SoupConfig:
     device: str = "auto"
     data_root: Optional[str] = None
     threads: Optional[int] = None
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
 
 
 @dataclass
@@ -170,6 +172,7 @@ class GeneralisationConfig:
     device: str = "auto"
     data_root: Optional[str] = None
     threads: Optional[int] = None
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
 
 
 @dataclass
