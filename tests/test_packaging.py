@@ -85,3 +85,24 @@ def test_packages_import_only_downwards():
                 other = parts[1]
                 assert other == package or order[other] < level, f"{package} imports {name}"
             assert not (parts[0] == "vitzoo" and len(parts) > 1 and parts[1] in ("cli", "demo", "conditioning")), name
+
+
+@pytest.mark.slow
+def test_demo_from_the_installed_wheel_in_an_empty_folder_gives_the_checkouts_table(wheel, tmp_path):
+    """The demo from the wheel (installed apart, run from an empty folder) and from the checkout: the same table."""
+    import json
+
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
+                   check=True, capture_output=True, timeout=300)  # fmt: skip
+    tables = []
+    for name, env in (("wheel", {"PYTHONPATH": str(site)}), ("checkout", {})):  # the checkout: the editable install
+        work = tmp_path / name
+        work.mkdir()
+        command = [sys.executable, "-m", "vitzoo.cli", "demo", "out=demo", "threads=2"]
+        result = subprocess.run(command, cwd=work, env={"PATH": "/usr/bin:/bin", "WANDB_MODE": "disabled", **env},
+                                capture_output=True, text=True, timeout=1200)  # fmt: skip
+        assert result.returncode == 0, result.stderr[-2000:]
+        rows = json.loads((work / "demo" / "results.json").read_text())["rows"]
+        tables.append([{k: v for k, v in row.items() if k != "seconds"} for row in rows])
+    assert tables[0] == tables[1] and len(tables[0]) >= 10
