@@ -241,6 +241,19 @@ def test_wandb_logger_logs_report_tables_and_plots(tmp_path):
     assert b"summary_table" in logged and b"accuracy_plot" in logged
 
 
+def test_wandb_logger_records_zoos_as_reference_artifacts(tmp_path):
+    from vitzoo.zoo_builder.logger import LoggerConfig, make_logger
+    from vitzoo.zoo_builder.zoo import BUNDLED
+
+    logger = make_logger(LoggerConfig(kind="wandb", mode="offline"), {}, "bundled", tmp_path, job_type="evaluate")
+    try:
+        logger.log_artifact(BUNDLED, "zoo")
+    finally:
+        logger.finish()
+    logged = offline_run_bytes(tmp_path)
+    assert b"zoo-bundled" in logged and BUNDLED.as_uri().encode() in logged  # a reference: where it lies
+
+
 def test_reports_of_analyze_soup_and_generalisation_go_to_wandb(tmp_path):
     import matplotlib
 

@@ -188,7 +188,7 @@ def test_cli_trains_both_models_and_samples_and_probes_the_autoencoder(tmp_path)
     assert {e.factors["method"] for e in Zoo.open(tmp_path / "kde-default")} == {"kde"}
     wrong = run_cli("sample", str(checkpoint), "method=mix", "n=3", f"out={tmp_path / 'x'}", check=False)
     assert wrong.returncode == 2 and "method=kde" in wrong.stderr
-    probe = run_cli("probe", str(checkpoint), f"out={tmp_path / 'probe'}")
+    probe = run_cli("probe", str(checkpoint), f"out={tmp_path / 'probe'}", "logger=wandb")  # W&B disabled in tests
     assert "| test accuracy | R2 |" in probe.stdout and (tmp_path / "probe" / "results.json").exists()
     assert (tmp_path / "probe" / "probes.png").stat().st_size > 0 and (tmp_path / "probe" / "report.html").exists()
     bad = run_cli("train", "bundled", "model=autoencoder", "+model.bogus=1", f"out={tmp_path / 'y'}", check=False)

@@ -259,10 +259,15 @@ def log_outputs(cfg, out: Path, job_type: str, tables: dict[str, list[dict]] | N
     in `out`, as one run of `job_type` grouped by the zoo; nothing with `logger=none`."""
     from omegaconf import OmegaConf
 
+    log_report_folder(OmegaConf.to_object(cfg.logger), OmegaConf.to_container(cfg, resolve=True), str(cfg.path), out,
+                      job_type, tables)  # fmt: skip
+
+
+def log_report_folder(logger_config, config: dict, group: str, out: Path, job_type: str, tables=None) -> None:
+    """`log_outputs` for any command: a LoggerConfig, the run's config, the W&B group (the zoo or generator)."""
     from vitzoo.zoo_builder.logger import make_logger
 
-    logger = make_logger(OmegaConf.to_object(cfg.logger), OmegaConf.to_container(cfg, resolve=True), str(cfg.path),
-                         out, job_type=job_type)  # fmt: skip
+    logger = make_logger(logger_config, config, group, out, job_type=job_type)
     if logger is None:
         return
     try:
@@ -363,6 +368,8 @@ def build_task(cfg) -> Path:
     try:
         logger = make_logger(OmegaConf.to_object(cfg.logger), resolved, cfg.zoo.name, out)
         build(cfg.zoo, settings, logger)
+        if logger is not None and (out / "index.jsonl").exists():  # the whole zoo (not a shard still training)
+            logger.log_artifact(out, "zoo")
     finally:
         if logger is not None:
             logger.finish()
@@ -437,6 +444,7 @@ def evaluate_task(cfg) -> Path:
             images = {name: out / f"{name}.png" for name in ("accuracy", "finetune")}
         if logger is not None:
             logger.log_report(tables, images)
+            logger.log_artifact(zoo.root, "samples" if cfg.reference else "zoo")
     finally:
         if logger is not None:
             logger.finish()
@@ -556,6 +564,8 @@ def train_task(cfg) -> Path:
             path = train_autoencoder(zoo, out, config, cfg.head, cfg.save_every, cfg.progress, log, runtime)
             if logger is not None:
                 logger.log_report({"autoencoder/embeddings": embedding_rows(load_autoencoder(path))}, {})
+        if logger is not None:
+            logger.log_artifact(path, "generator")
     finally:
         if logger is not None:
             logger.finish()
@@ -663,6 +673,7 @@ def demo_task(cfg) -> dict:
             {"summary": summary["rows"], "conditioning": [summary["conditioning"] or {}]},
             {name: out / path for name, path in plots.items()},
         )
+        logger.log_artifact(out / "samples", "samples")
         logger.finish()
     print("\n".join(table(summary["rows"])))
     print(f"\n{conditioning_line(summary['conditioning'])}")
@@ -773,8 +784,9 @@ PLAIN_COMMANDS = {  # commands without Hydra: their arguments and key=value opti
             "out": Option("runs/probe", "report.md and results.json"),
             "overwrite": Option(False, "replace the report of an earlier probe in out", bool),
             "threads": Option(None, "torch.set_num_threads; null leaves torch's default", int),
+            "logger": Option("none", "none | wandb: the report's tables and figures to W&B (offline by default)"),
         },
-    ),  # fmt: skip
+    ),
     "import": (
         [
             Positional("layout", "the foreign layout: vitmodelzoo"),
@@ -782,7 +794,7 @@ PLAIN_COMMANDS = {  # commands without Hydra: their arguments and key=value opti
             Positional("dst", "zoo folder to write (or a zoo of the same architecture to join)"),
         ],
         {"overwrite": Option(False, "replace the zoo in dst instead of joining it", bool)},
-    ),  # fmt: skip
+    ),
     "export": (
         [
             Positional("zoo", "zoo or sampled-zoo folder, or 'bundled'"),
@@ -792,7 +804,7 @@ PLAIN_COMMANDS = {  # commands without Hydra: their arguments and key=value opti
             "out": Option("runs/export", "one timm / Hugging Face folder per model"),
             "overwrite": Option(False, "replace an earlier export in out", bool),
         },
-    ),  # fmt: skip
+    ),
     "conditioning": (
         [Positional("generator", "family or latent diffusion checkpoint, or 'bundled'")],
         {
@@ -811,8 +823,9 @@ PLAIN_COMMANDS = {  # commands without Hydra: their arguments and key=value opti
             "out": Option("runs/conditioning", "report.md, results.json, plot"),
             "overwrite": Option(False, "replace an earlier report in out", bool),
             "threads": Option(None, "torch.set_num_threads; null leaves torch's default", int),
+            "logger": Option("none", "none | wandb: the report's tables and figures to W&B (offline by default)"),
         },
-    ),  # fmt: skip
+    ),
     "summary": (
         [Positional("zoo", "zoo folder, or 'bundled'")],
         {"metric": Option("test_acc", "the metric spread over parents and factors")},
@@ -852,6 +865,7 @@ def probe_command(args: list[str]) -> None:
     from vitzoo.eval.html import write_report
     from vitzoo.generative.hyper import held_out_bundle, load_autoencoder, reconstruction_rows
     from vitzoo.generative.probe import plot_probes, probe
+    from vitzoo.zoo_builder.logger import LoggerConfig
     from vitzoo.zoo_builder.zoo import Zoo, atomic_write_json, code_version
 
     named, options = plain_arguments("probe", args)
@@ -905,6 +919,8 @@ def probe_command(args: list[str]) -> None:
         ]  # fmt: skip
     with one_line_errors("probe"):
         write_report(out, "\n".join(lines))
+        log_report_folder(LoggerConfig(kind=options["logger"]), {"autoencoder": checkpoint, **options},
+                          options["zoo"] or bundle.data.zoo_root, out, "probe")  # fmt: skip
     print((out / "report.md").read_text())
 
 
@@ -935,6 +951,8 @@ def export_command(args: list[str]) -> None:
 def conditioning_command(args: list[str]) -> None:
     import torch
 
+    from vitzoo.zoo_builder.logger import LoggerConfig
+
     named, options = plain_arguments("conditioning", args)
     if options["threads"]:
         torch.set_num_threads(options["threads"])
@@ -946,6 +964,8 @@ def conditioning_command(args: list[str]) -> None:
         result = conditioning(named["generator"], options["targets"], options["per_target"], options["per_slot"],
                               options["guidance"], options["seed"], reference=options["reference"])  # fmt: skip
         write_conditioning(result, out)
+        log_report_folder(LoggerConfig(kind=options["logger"]), {"generator": named["generator"], **options},
+                          named["generator"], out, "conditioning")  # fmt: skip
     print((out / "report.md").read_text())
 
 

@@ -7,6 +7,7 @@ by zoo; the index is logged as a table at the end. Only the resolved config is p
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -77,6 +78,15 @@ class WandbLogger:
             logged[name] = table
         logged.update({name: self.wandb.Image(str(path)) for name, path in images.items() if Path(path).exists()})
         self.run.log(logged)
+
+    def log_artifact(self, path: Path, kind: str) -> None:
+        """A zoo, generator checkpoint or sampled population as a W&B reference artifact: the run records where it
+        lies and each file's checksum, nothing is uploaded (`kind`: zoo | generator | samples)."""
+        path = Path(path).resolve()
+        name = re.sub(r"[^A-Za-z0-9_.-]", "-", f"{kind}-{path.stem if path.is_file() else path.name}")
+        artifact = self.wandb.Artifact(name, type=kind)
+        artifact.add_reference(path.as_uri(), max_objects=100_000)
+        self.run.log_artifact(artifact)
 
     def finish(self) -> None:
         self.run.finish()
