@@ -7,7 +7,7 @@ raw weights), and the within-family spread: the median L2 distance between two d
 ratio to temperature 1's (the zoo's own: between two runs of a family). KDE's 120 draws from the same autoencoder
 (the demo's sampler settings) are the non-learned reference. One run, digits test split.
 
-python -m benchmarks.latent_temperature
+python -m benchmarks.latent_temperature [--checkpoint runs/latent/latent_diffusion.safetensors]
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ def measure(samples, parents, reference: NoveltyReference) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--checkpoint", default="bundled", help="a latent diffusion checkpoint (default: the shipped)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     zoo = Zoo.open("bundled")
@@ -52,7 +53,7 @@ def main() -> None:
     results = evaluate([(m.model_id, s) for m, s in zip(models, states)], "digits", "test", num_heads=2)
     _, labels = load_split("digits", "test")
     reference = NoveltyReference(states, torch.stack([r.predictions for r in results]), labels, 2, align=False)
-    generator = load_latent_diffusion("bundled")
+    generator = load_latent_diffusion(args.checkpoint)
     rows = [(f"latent diffusion, temperature {t}", measure(*sample_latent(generator, 120, 0, temperature=t), reference))
             for t in TEMPERATURES]  # fmt: skip
     kde = measure(*sample_kde(load_autoencoder(BUNDLED_AUTOENCODER), 120, 0, 0.2, 1.0), reference)
