@@ -97,7 +97,7 @@ def _row(key: str, value: str, text: str) -> str:
 def plain_help(command: str, description: str, positionals: list[Positional], options: dict[str, Option]) -> str:
     names = " ".join({"1": f"<{p.name}>", "?": f"[<{p.name}>]", "*": f"[<{p.name}> ...]"}[p.count] for p in positionals)
     out = [f"usage: vitzoo {command} {names}{' [key=value ...]' if options else ''}", "", description, ""]
-    out += ["arguments:", *[f"  {p.name:<26} {p.help}" for p in positionals]]
+    out += ["arguments:", *[f"  {p.name:<28} {p.help}" for p in positionals]]
     if options:
         out += ["", "options (key=default, then what it does):"]
         out += [_row(key, _text(option.default), option.help) for key, option in options.items()]
