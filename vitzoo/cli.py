@@ -123,8 +123,13 @@ def prepare_out(command: str, out: Path, overwrite: bool) -> None:
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
         return
     if command not in RESUMABLE:
-        raise ConfigError(f"out={out} already holds {', '.join(entries[:3])}{' ...' if len(entries) > 3 else ''}: "
-                          "pass overwrite=true to replace it, or choose another out")  # fmt: skip
+        raise occupied(out, entries)
+
+
+def occupied(out: Path, entries: list[str]) -> ConfigError:
+    """The refusal of an `out` that holds `entries` (its `logs/` aside) for a command that cannot resume them."""
+    return ConfigError(f"out={out} already holds {', '.join(entries[:3])}{' ...' if len(entries) > 3 else ''}: "
+                       "pass overwrite=true to replace it, or choose another out")  # fmt: skip
 
 
 def remove_run_logs(run_dir: Path, created: list[Path]) -> None:
@@ -525,15 +530,9 @@ def train_task(cfg) -> Path:
     model = dict(resolved["model"] or {})
     logger = runtime = None
     try:
-        name = model.pop("name", None)
         configs = {"diffusion": DiffusionConfig, "autoencoder": AutoencoderConfig,
                    "latent_diffusion": LatentDiffusionConfig, "transfer": TransferConfig}  # fmt: skip
-        if name not in configs:
-            raise ConfigError(f"model={name} is not available; models: {', '.join(configs)}")
-        try:
-            config = configs[name](**model)
-        except TypeError as error:  # an unknown field
-            raise ConfigError(f"bad model config: {error}") from None
+        name, config = model_config(model, configs)
         if cfg.holdout_parents and name != "transfer":
             raise ConfigError(f"model={name} samples within the families it trained on: holdout_parents is for "
                               "model=transfer (fine-tunes for parents it never saw)")  # fmt: skip
@@ -583,16 +582,27 @@ def train_task(cfg) -> Path:
     return path
 
 
+def model_config(model: dict, configs: dict[str, type]) -> tuple[str, object]:
+    """The `model=` group's name and its config object (a ConfigError for an unknown model or field)."""
+    fields = dict(model)
+    name = fields.pop("name", None)
+    if name not in configs:
+        raise ConfigError(f"model={name} is not available; models: {', '.join(configs)}")
+    try:
+        return name, configs[name](**fields)
+    except TypeError as error:  # an unknown field
+        raise ConfigError(f"bad model config: {error}") from None
+
+
 def train_transfer_task(cfg, zoo, config, out: Path) -> Path:
     """model=transfer: no gradient steps (probe logits of the training fine-tunes), so one process, no logger, and
     nothing to resume: an out that holds anything (but logs) is refused unless overwrite=true emptied it."""
     from vitzoo.generative.transfer import fit_transfer, save_transfer
     from vitzoo.zoo_builder.models import select_device
 
-    held = sorted(p.name for p in out.iterdir() if p.name != "logs") if out.is_dir() else []
-    if held:
-        raise ConfigError(f"out={out} already holds {', '.join(held[:3])}: pass overwrite=true to replace it, or "
-                          "choose another out")  # fmt: skip
+    entries = sorted(p.name for p in out.iterdir() if p.name != "logs") if out.is_dir() else []
+    if entries:  # prepare_out let it through: train resumes the other models
+        raise occupied(out, entries)
     started = time.perf_counter()
     generator = fit_transfer(zoo, config, cfg.head, list(cfg.holdout_parents), cfg.data_root,
                              select_device(cfg.device))  # fmt: skip
@@ -625,12 +635,9 @@ def generalisation_task(cfg) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     model = dict(OmegaConf.to_container(cfg.model, resolve=True) or {})
-    if model.pop("name", None) != "transfer":
+    if model.get("name") != "transfer":
         raise ConfigError("generalisation measures model=transfer, the generator that conditions on a new parent")
-    try:
-        config = TransferConfig(**model)
-    except TypeError as error:  # an unknown field
-        raise ConfigError(f"bad model config: {error}") from None
+    _, config = model_config(model, {"transfer": TransferConfig})
     recipe = FinetuneRecipe(**OmegaConf.to_container(cfg.finetune), seed=cfg.seed)
     settings = GeneralisationSettings(cfg.head, cfg.n, list(cfg.sizes), recipe, cfg.seed, cfg.resamples,
                                       str(select_device(cfg.device)), cfg.data_root)  # fmt: skip

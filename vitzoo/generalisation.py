@@ -86,6 +86,9 @@ def leave_one_parent_out(zoo: Zoo, config: TransferConfig, settings: Generalisat
     starts = parent_states(zoo, final)
     w0 = {(e.parent_id, e.factors["seed"]): family_start(zoo, e, starts) for e in final}  # one per family
     real = {e.model_id: e.state_dict() for e in final}
+    _, probe_labels = probe_split(
+        dataset, config.probes, config.seed, final[0].factors.get("classes"), settings.data_root
+    )  # the labelled reference's; every generator has these probes
     timing = {"fit": [], "sample": 0.0, "evaluate": 0.0, "finetune": 0.0}
 
     log(f"leave-one-parent-out over {len(parents)} parents ({len(final)} {settings.head}-head fine-tunes)")
@@ -97,7 +100,7 @@ def leave_one_parent_out(zoo: Zoo, config: TransferConfig, settings: Generalisat
         timing["fit"].append(time.perf_counter() - started)
         started = time.perf_counter()
         samples_of[parent] = _sample_cells(generator, final, parent, w0, settings, models, prefix="sample")
-        _references(generator, final, parent, w0, real, dataset, settings, models)
+        _references(generator, final, parent, w0, real, probe_labels, models)
         timing["sample"] += time.perf_counter() - started
         log(f"  [{index + 1}/{len(parents)}] {parent}: generator fit in {timing['fit'][-1]:.1f} s")
 
@@ -186,17 +189,16 @@ def _sample_cells(generator, final, parent, w0, settings, models, prefix) -> lis
     return names
 
 
-def _references(generator, final, parent, w0, real, dataset, settings, models) -> None:
-    """The non-learned references of one held-out parent (see module docstring), added to `models` by name."""
+def _references(generator, final, parent, w0, real, probe_labels, models) -> None:
+    """The non-learned references of one held-out parent (see module docstring), added to `models` by name;
+    `probe_labels` [N]: the true labels of the generator's probes."""
     training = [e for e in final if e.parent_id in set(generator.parents)]
-    probes, probe_labels = probe_split(dataset, generator.config.probes, generator.config.seed,
-                                       generator.start["classes"], settings.data_root)  # fmt: skip
     layer = fitted_layer(generator)
+    onehot = torch.nn.functional.one_hot(probe_labels, generator.num_classes).double()[None]  # [1, N, C]
     for head_seed in sorted({e.factors["seed"] for e in final if e.parent_id == parent}):
         start = w0[(parent, head_seed)]
         models[f"start/{parent}/{head_seed}"] = start
-        onehot = torch.nn.functional.one_hot(probe_labels, generator.num_classes).double()[None]  # [1, N, C]
-        weight, bias = fit_heads(head_inputs(generator, start, probes), onehot, start[f"{layer}.weight"],
+        weight, bias = fit_heads(head_inputs(generator, start, generator.probes), onehot, start[f"{layer}.weight"],
                                  start[f"{layer}.bias"], generator.config.ridge)  # fmt: skip
         models[f"labelled/{parent}/{head_seed}"] = start | {f"{layer}.weight": weight[0].float(),
                                                             f"{layer}.bias": bias[0].float()}  # fmt: skip
