@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from vitzoo.errors import ConfigError
 from vitzoo.eval.html import write_report
-from vitzoo.zoo_builder.zoo import BUNDLED, Zoo, ZooEntry
+from vitzoo.zoo_builder.zoo import Zoo, ZooEntry
 
 KINDS = ("same model", "siblings", "parent-child", "across parents")  # pair kinds; -1 on the diagonal
 FAMILY_ORDER = ("objective", "seed")  # parents are ordered by these factors first
@@ -422,7 +422,7 @@ def write_analysis(
     varying = varying_factors(entries)
     stages = [e.stage for e in entries]
     results = {
-        "zoo": "bundled" if zoo.root == BUNDLED else str(zoo.root),
+        "zoo": zoo.location,
         "selection": {
             "checkpoints": len(entries), "models": len({e.model_id for e in entries}),
             "per_stage": {s: stages.count(s) for s in dict.fromkeys(stages)},

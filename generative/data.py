@@ -34,7 +34,7 @@ from vitzoo.tokenizer.spec import TokenSpec
 from vitzoo.tokenizer.tokens import detokenize, tokenize_batch
 from vitzoo.zoo_builder.families import family_key, family_start, parent_states
 from vitzoo.zoo_builder.models import HEADS as MODEL_HEADS
-from vitzoo.zoo_builder.zoo import BUNDLED, Zoo, ZooError
+from vitzoo.zoo_builder.zoo import Zoo, ZooError
 
 StateDict = dict[str, torch.Tensor]
 TOKEN_WIDTH = 25  # the bundled ViT's rows (24 weights + bias) fit one token exactly
@@ -115,7 +115,7 @@ class DeltaSet:
                 f"{zoo.root} has {len(entries)} finished fine-tuned checkpoints with head={head}; generators need more"
             )
         self.head = head
-        self.zoo_root = "bundled" if zoo.root == BUNDLED else str(zoo.root)
+        self.zoo_root = zoo.location
         self.architecture = zoo.architecture
         self.num_heads = self.architecture.num_heads
         self.entries = entries

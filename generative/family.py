@@ -21,7 +21,7 @@ import torch
 from vitzoo.errors import ConfigError
 from vitzoo.generative.data import HEADS, slot_of
 from vitzoo.zoo_builder.families import family_key, family_start, parent_states
-from vitzoo.zoo_builder.zoo import BUNDLED, Zoo, ZooEntry, ZooError
+from vitzoo.zoo_builder.zoo import Zoo, ZooEntry, ZooError
 
 StateDict = dict[str, torch.Tensor]
 FamilyWeights = tuple[StateDict, StateDict]  # (start, runs: tensors [K, *shape]), float32 as stored
@@ -35,7 +35,7 @@ class FamilyBasis:
         final = [e for e in zoo.filter(stage="finetune", status="done", epoch="last", **wanted)]
         if not final:
             raise ZooError(f"{zoo.root} has no finished fine-tuned models with head={head}")
-        self.zoo_root = "bundled" if zoo.root == BUNDLED else str(zoo.root)  # portable for the shipped generator
+        self.zoo_root = zoo.location  # "bundled" keeps the shipped generator portable; a Hub zoo: repo@commit
         self.head = head
         self.dataset = zoo.dataset
         self.architecture = zoo.architecture

@@ -37,7 +37,7 @@ from vitzoo.zoo_builder.build import initial_state
 from vitzoo.zoo_builder.data import load_split
 from vitzoo.zoo_builder.families import parent_states
 from vitzoo.zoo_builder.models import Architecture, build_vit
-from vitzoo.zoo_builder.zoo import BUNDLED, Zoo, ZooError
+from vitzoo.zoo_builder.zoo import Zoo, ZooError
 
 StateDict = dict[str, torch.Tensor]
 FORMAT = "vitzoo-transfer"
@@ -134,7 +134,7 @@ def fit_transfer(zoo: Zoo, config: TransferConfig, head: str = "linear", holdout
     return TransferGenerator(
         config, zoo.architecture, start, num_classes, slots, probes, runs,
         parents=sorted({e.parent_id for e in training}), held_out=sorted(holdout_parents),
-        zoo_root="bundled" if zoo.root == BUNDLED else str(zoo.root),
+        zoo_root=zoo.location,
     )  # fmt: skip
 
 

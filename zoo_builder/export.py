@@ -34,7 +34,6 @@ from vitzoo.errors import VitzooError
 from vitzoo.zoo_builder.data import info
 from vitzoo.zoo_builder.models import HEADS, MLP_HEAD_MODEL
 from vitzoo.zoo_builder.zoo import (
-    BUNDLED,
     Zoo,
     ZooEntry,
     atomic_write_bytes,
@@ -61,7 +60,7 @@ def export(zoo_path: str | os.PathLike, out: str | os.PathLike, model_ids: list[
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".tmp-{out.name}.{secrets.token_hex(8)}"
     staging.mkdir()
-    source = "bundled" if zoo.root == BUNDLED else str(zoo_path)
+    source = zoo.location
     try:
         for entry in entries:
             dataset = entry.factors["dataset"] if "dataset" in entry.factors else zoo.dataset  # sampled: the zoo's

@@ -21,6 +21,12 @@ A zoo may come from a stranger: every path it names must resolve inside it (syml
 file read must be a regular file, and no read goes beyond the size recorded for it (or, for zoos
 written before sizes were recorded, beyond the file's size when opened); checkpoints are checked
 against their sha256. Anything else is refused with a ZooError naming the record.
+
+A zoo may also live in a Hugging Face Hub model repository (`Zoo.open("owner/name")` or `"hf://owner/name@revision"`):
+its metadata (zoo.json, index.jsonl, run records) is fetched through `huggingface_hub` into its cache, honouring
+`HF_HUB_CACHE` and `HF_HUB_OFFLINE`, and each checkpoint on its first read, so a selection never downloads the whole
+repository. In the cache a snapshot's files are symlinks into the repository's `blobs/`: reads are confined to that
+repository's cache folder instead of the snapshot.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import secrets
 import shutil
 import stat
@@ -50,6 +57,9 @@ FORMAT_VERSION = 1
 STAGES = ("pretrain", "finetune", "sampled")
 FINISHED = ("done", "diverged", "skipped")  # run statuses of a finished run; "training" is the only other one
 BUNDLED = Path(__file__).resolve().parent / "bundled"
+HUB_PREFIX = "hf://"
+HUB_METADATA = ["zoo.json", "index.jsonl", "runs/*.json", "*.md"]  # what opening a Hub zoo fetches; checkpoints: lazily
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*(@[A-Za-z0-9_./-]+)?$")
 
 
 class ZooError(VitzooError):
@@ -106,16 +116,88 @@ def encode_state_dict(state_dict: dict[str, torch.Tensor], metadata: dict[str, s
     return save_safetensors(tensors, metadata=metadata)
 
 
+# ----------------------------------------------------------------------------------------- the Hub
+
+
+@dataclass(frozen=True)
+class HubSnapshot:
+    """A zoo's snapshot in the Hugging Face cache: `<cache>/models--<owner>--<name>/snapshots/<commit>/`."""
+
+    repo_id: str
+    commit: str
+    cache_dir: Path
+
+    @property
+    def repo_folder(self) -> Path:
+        """The repository's cache folder: the snapshot's symlinks point into its `blobs/`."""
+        return self.cache_dir / ("models--" + self.repo_id.replace("/", "--"))
+
+    @property
+    def location(self) -> str:
+        return f"{HUB_PREFIX}{self.repo_id}@{self.commit}"
+
+    def fetch(self, relpath: str, what: str) -> None:
+        """One file of the snapshot into the cache, unless it is there (in offline mode: only from the cache)."""
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError
+
+        try:
+            hf_hub_download(self.repo_id, relpath, revision=self.commit, cache_dir=self.cache_dir)
+        except (OSError, ValueError, EntryNotFoundError) as error:  # not on the Hub, offline and not cached, …
+            raise ZooError(f"{what}: cannot fetch {relpath} of {self.location}: {error}") from None
+
+
+def hub_snapshot(root: Path) -> HubSnapshot | None:
+    """The Hub snapshot `root` is, when it is a snapshot folder of the Hugging Face cache; else None."""
+    repo_folder = root.parent.parent
+    if root.parent.name != "snapshots" or not repo_folder.name.startswith("models--"):
+        return None
+    repo_id = repo_folder.name.removeprefix("models--").replace("--", "/", 1)  # the Hub forbids "--" in names
+    return HubSnapshot(repo_id, root.name, repo_folder.parent)
+
+
+def hub_reference(path: str) -> tuple[str, str | None] | None:
+    """(repo id, revision or None) when `path` names a Hub repository: `hf://owner/name[@revision]`, or a bare
+    `owner/name[@revision]` that is not a local path; else None."""
+    text = str(path)
+    explicit = text.startswith(HUB_PREFIX)
+    text = text.removeprefix(HUB_PREFIX)
+    if not explicit and (os.path.lexists(text) or not _REPO_ID.match(text)):
+        return None
+    if not _REPO_ID.match(text):
+        raise ZooError(f"{path!r} is not a Hub repository id (expected hf://owner/name or hf://owner/name@revision)")
+    repo_id, _, revision = text.partition("@")
+    return repo_id, revision or None
+
+
+def open_hub_snapshot(repo_id: str, revision: str | None) -> Path:
+    """The local snapshot folder of a Hub zoo with its metadata fetched (checkpoints come on first read)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_METADATA))
+    except (OSError, ValueError) as error:  # no such repo or revision, offline and not cached, no connection
+        at = f"@{revision}" if revision else ""
+        raise ZooError(f"not a zoo: {repo_id}{at} is no local folder, and the Hub gives: {error}") from None
+
+
 # --------------------------------------------------------------------------------------------- reading
 
 
+def boundary_of(root: Path) -> Path:
+    """The folder every read of the zoo at `root` must stay in: the zoo itself, or for a Hub snapshot its
+    repository's cache folder (the snapshot's files are symlinks into the repository's blobs/)."""
+    snapshot = hub_snapshot(root)
+    return (snapshot.repo_folder if snapshot else root).resolve()
+
+
 def confined(root: Path, relpath, what: str) -> Path:
-    """`root / relpath`, refused unless `relpath` is a relative path that stays inside `root` once every
+    """`root / relpath`, refused unless `relpath` is a relative path that stays inside the zoo once every
     symlink is resolved (an absolute path, `..` or a symlink out of the zoo is refused, naming `what`)."""
     if not isinstance(relpath, str) or not relpath:
         raise ZooError(f"{what}: path {relpath!r} is not a relative path inside the zoo")
     path = root / relpath
-    if not path.resolve().is_relative_to(root.resolve()):
+    if not path.resolve().is_relative_to(boundary_of(root)):
         raise ZooError(f"{what}: path {relpath!r} leads outside the zoo {root} (to {path.resolve()}); refused")
     return path
 
@@ -124,7 +206,7 @@ def read_bounded(root: Path, path: Path, size: int | None, what: str) -> bytes:
     """The bytes of a file inside the zoo `root`: a regular file (a FIFO or device is refused without blocking on it)
     that holds exactly `size` bytes when a size is recorded, and is never read beyond its size when opened."""
     resolved = path.resolve()  # checked again here: the tree may have changed since the zoo was opened
-    if not resolved.is_relative_to(root.resolve()):
+    if not resolved.is_relative_to(boundary_of(root)):
         raise ZooError(f"{what}: {path} leads outside the zoo {root} (to {resolved}); refused")
     try:
         fd = os.open(resolved, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
@@ -148,9 +230,12 @@ def read_bounded(root: Path, path: Path, size: int | None, what: str) -> bytes:
 def read_checkpoint(root: Path, model_id: str, checkpoint: dict) -> dict[str, torch.Tensor]:
     """The weights of one checkpoint of a run record (`{"epoch", "path", "sha256", "size"}`; zoos written before
     sizes were recorded have no "size"): confined to the zoo, bounded in size and checked against the sha256.
-    Every read of a zoo checkpoint goes through here."""
+    Every read of a zoo checkpoint goes through here; a Hub zoo's checkpoint is fetched on its first read."""
     what = f"run record {model_id}, epoch {checkpoint['epoch']}"
     path = confined(root, checkpoint["path"], what)
+    snapshot = hub_snapshot(root)
+    if snapshot and not os.path.lexists(path):
+        snapshot.fetch(checkpoint["path"], what)
     data = read_bounded(root, path, checkpoint.get("size"), what)
     if sha256_bytes(data) != checkpoint["sha256"]:
         raise ZooError(f"{what}: checkpoint corrupted (sha256 mismatch): {path}")
@@ -214,12 +299,14 @@ class Zoo:
 
     @classmethod
     def open(cls, path: str | os.PathLike, allow_unfinished: bool = False) -> Zoo:
-        """Open a zoo directory; `"bundled"` opens the zoo shipped with vitzoo.
+        """Open a zoo directory; `"bundled"` opens the zoo shipped with vitzoo; a Hugging Face Hub repository id
+        (`owner/name`, `hf://owner/name@revision`) opens a zoo on the Hub through its cache.
 
         A zoo whose writing did not finish (runs still training, no index, records the index does not list,
         checkpoint files missing) raises ZooError saying what is missing, unless `allow_unfinished` (a build
         in progress, read by its own builders)."""
-        root = BUNDLED if str(path) == "bundled" else Path(path)
+        hub = hub_reference(path) if str(path) != "bundled" else None
+        root = BUNDLED if str(path) == "bundled" else open_hub_snapshot(*hub) if hub else Path(path)
         meta_path = root / "zoo.json"
         if not meta_path.exists():
             hint = " (the bundled zoo is not built in this checkout)" if root == BUNDLED else _interrupted_hint(root)
@@ -269,7 +356,8 @@ class Zoo:
                     f"index.jsonl does not list {len(unlisted)} checkpoint(s) of the run records ({_some(unlisted)}): "
                     "the zoo was written after its index, or its writing was interrupted"
                 )
-        missing = [f"{e.model_id} epoch {e.epoch}" for e in self if not os.path.lexists(e.path)]
+        fetched_on_read = hub_snapshot(self.root) is not None  # a Hub zoo's checkpoints are fetched when read
+        missing = [f"{e.model_id} epoch {e.epoch}" for e in self if not (fetched_on_read or os.path.lexists(e.path))]
         if missing:
             problems.append(f"{len(missing)} checkpoint file(s) missing ({_some(missing)})")
         return problems
@@ -287,6 +375,12 @@ class Zoo:
     @property
     def architecture(self) -> Architecture:
         return Architecture(**self.meta["architecture"])
+
+    @property
+    def location(self) -> str:
+        """What `Zoo.open` takes to open this zoo again: "bundled", `hf://owner/name@commit` or its path."""
+        snapshot = hub_snapshot(self.root)
+        return "bundled" if self.root == BUNDLED else snapshot.location if snapshot else str(self.root)
 
     @property
     def dataset(self) -> str:
@@ -340,7 +434,7 @@ class Zoo:
 
     def summary(self) -> str:
         """A few lines: models per stage and status, checkpoints, size, accuracy spread of the last epochs."""
-        where = "bundled" if self.root == BUNDLED else str(self.root)
+        where = self.location
         names = ", ".join(dict.fromkeys(b["name"] for b in self.meta.get("blueprints", []))) or "no blueprint"
         lines = [f"zoo {where} ({names})"]
         total_bytes = sum(e.path.stat().st_size for e in self.entries if e.path.exists())
@@ -541,8 +635,9 @@ def verify(root: str | os.PathLike) -> list[str]:
     if orphans:
         names = [f"{r.get('model_id')} epoch {r.get('epoch')}" for r in orphans]
         problems.append(f"index.jsonl lists {len(orphans)} checkpoint(s) of no run record ({_some(names)})")
+    on_hub = hub_snapshot(zoo.root) is not None  # a Hub zoo's checkpoints are fetched to be checked
     for entry in zoo:
-        if not os.path.lexists(entry.path):
+        if not (on_hub or os.path.lexists(entry.path)):
             continue  # reported above
         try:
             entry.state_dict()
