@@ -203,21 +203,35 @@ def test_summary_is_a_subcommand():
     assert run_cli("summary", "bundled", "metric=val_acc").stdout.count("val_acc") > text.count("val_acc")
 
 
-def test_wandb_logger_writes_an_offline_run(tmp_path):
+def test_a_build_logs_one_wandb_run_per_model_with_its_factors(tmp_path):
+    import wandb
     from conftest import tiny_blueprint
 
+    from vitzoo.zoo_builder import Zoo
     from vitzoo.zoo_builder.build import BuildSettings, build
     from vitzoo.zoo_builder.logger import LoggerConfig, make_logger
 
-    blueprint = tiny_blueprint(pretrain={"epochs": 1, "train_subset": 64})
-    blueprint["finetune"] = None
+    blueprint = tiny_blueprint(pretrain={"epochs": 1, "train_subset": 64}, finetune={"epochs": 1, "train_subset": 64})
     out = tmp_path / "zoo"
     logger = make_logger(LoggerConfig(kind="wandb", mode="offline"), {"zoo": blueprint}, "test_tiny", tmp_path)
     try:
         build(blueprint, BuildSettings(out=out, device="cpu", progress=False), logger)
     finally:
         logger.finish()
-    assert b"models/" in offline_run_bytes(tmp_path)
+    wandb.teardown()  # waits until the service wrote every run's file
+    logged = [path.read_bytes() for path in (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")]
+    zoo = Zoo.open(out)
+    assert len(logged) == 1 + len(zoo.records)  # the build's run and one per model
+    for model_id, record in zoo.records.items():
+        # its own run: its id and stage (a fine-tune's run names its parent's id too, but not the stage "pretrain")
+        (run,) = [data for data in logged if model_id.encode() in data and record["stage"].encode() in data]
+        assert b"val_acc" in run and b"epoch" in run
+        assert b"head" in run and b"optimizer" in run and b"seed" in run  # its factors: the run's config
+    (build_run,) = [data for data in logged if b"zoo/index" in data]
+    assert b"build/epoch_seconds" in build_run
+    (index,) = (tmp_path / "wandb").glob("offline-run-*/files/media/table/zoo/index_*.table.json")
+    columns = json.loads(index.read_text())["columns"]
+    assert {"model_id", "factors.seed", "factors.lr", "val_acc"} <= set(columns)  # factors as columns
 
 
 def test_wandb_logger_logs_report_tables_and_plots(tmp_path):

@@ -272,6 +272,8 @@ def train_population(
                 logger.log_epoch(runs, histories, epoch, time.perf_counter() - started)
         if progress is not None:
             progress.close()
+        if logger is not None:
+            logger.finish_models(records)
         state_path.unlink(missing_ok=True)
 
 
