@@ -132,7 +132,7 @@ class StoredImages:
         """uint8 pixels [..., 3, H, W] as float32 normalised with the dataset's mean and std, in one pass."""
         mean = torch.tensor(self.mean, device=pixels.device).view(-1, 1, 1) * 255
         std = torch.tensor(self.std, device=pixels.device).view(-1, 1, 1) * 255
-        return (pixels.float() - mean) / std
+        return pixels.float().sub_(mean).div_(std)  # in place: one float copy of the pixels, not three
 
     def __getitem__(self, index: torch.Tensor | slice | int) -> torch.Tensor:
         if isinstance(index, int):

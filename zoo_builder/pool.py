@@ -94,14 +94,15 @@ def pooled_batches(
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Every step's batches: x [m, b, C, H, W] normalised (not augmented) on the images' device, y [m, b].
 
-    Pools are read `depth` ahead on a background thread (0: in the caller's thread, when asked for)."""
+    Pools are read and normalised `depth` ahead on a background thread (0: in the caller's thread, when asked
+    for); the step only gathers its batches from the pool."""
 
     def read(number: int) -> torch.Tensor:
-        return images.pixels(plan.pool(number).tolist())  # [W, C, H, W] uint8 on the device
+        return images.normalise(images.pixels(plan.pool(number).tolist()))  # [W, C, H, W] float on the device
 
     pools = read_ahead(read, range(plan.pools), depth) if depth else map(read, range(plan.pools))
     order = plan.order.to(labels.device)
-    for number, pixels in enumerate(pools):
+    for number, pool in enumerate(pools):
         for step in range(number * POOL_STEPS, min(plan.steps, (number + 1) * POOL_STEPS)):
-            local = plan.local[:, step].to(pixels.device)  # [m, b]
-            yield images.normalise(pixels[local]), labels[order[:, step]]
+            local = plan.local[:, step].to(pool.device)  # [m, b]
+            yield pool[local], labels[order[:, step]]
