@@ -138,6 +138,8 @@ def check_decoding(device: torch.device, sizes: dict) -> dict:
             synchronize(device)
             result[f"{label}_images_per_s"] = len(files) / (time.perf_counter() - started)
         rows = list(range(min(64, len(paths))))
+        if device.type == "cuda" and on_device.decode_torchvision(rows) is None:
+            raise RuntimeError("nvJPEG refused the synthetic JPEGs: ImageFiles fell back to Pillow")
         difference = (on_device.pixels(rows).cpu().float() - on_cpu.pixels(rows).float()).abs()
         result["pixel_mean_abs_difference"] = float(difference.mean())  # uint8 units: nvJPEG + resize vs Pillow
         if result["pixel_mean_abs_difference"] > 3:

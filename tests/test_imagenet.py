@@ -130,3 +130,14 @@ def test_prepared_shards_hold_the_decoded_pixels_and_builds_read_them(imagenet, 
     (prepared / "val-00000.npy").unlink()
     with pytest.raises(DatasetError, match="unfinished"):
         PreparedImages.open(prepared, "val", MEAN, STD)
+
+
+def test_torchvision_decoding_the_gpu_uses_matches_pillow(tmp_path):
+    """The decode ImageFiles runs on CUDA (nvJPEG there, libjpeg here): same resize and crop as Pillow's."""
+    from benchmarks.imagenet_decoding import synthetic_jpegs
+
+    paths = synthetic_jpegs(tmp_path, 4)  # 500 x 375, smooth
+    files = ImageFiles(paths, 224, MEAN, STD, workers=2)
+    torchvision_pixels = files.decode_torchvision([0, 1, 2, 3]).float()  # [4, 3, 224, 224]
+    assert torchvision_pixels.shape == (4, 3, 224, 224)
+    assert (torchvision_pixels - files.pixels([0, 1, 2, 3]).float()).abs().mean() < 2  # in uint8 steps

@@ -170,13 +170,12 @@ class ImageFiles(StoredImages):
 
     def pixels(self, rows: list[int]) -> torch.Tensor:
         if self.device.type == "cuda":
-            decoded = self._decode_on_gpu(rows)
+            decoded = self.decode_torchvision(rows)
             if decoded is not None:
                 return decoded
         # [n, size, size, 3]: pinned when bound for a GPU, so the copy there does not wait for the CPU
         pixels = torch.empty((len(rows), self.size, self.size, 3), dtype=torch.uint8,
                              pin_memory=self.device.type == "cuda")  # fmt: skip
-
         out = pixels.numpy()
 
         def decode_into(slot: int) -> None:
@@ -199,17 +198,17 @@ class ImageFiles(StoredImages):
             left, top = (width - self.size) // 2, (height - self.size) // 2
             return np.asarray(image.crop((left, top, left + self.size, top + self.size)))
 
-    def _decode_on_gpu(self, rows: list[int]) -> torch.Tensor | None:
-        """[n, 3, size, size] uint8 on the GPU, the same resize and crop as `_decode`; None when nvJPEG refuses."""
-        from torchvision.io import ImageReadMode, decode_jpeg
+    def decode_torchvision(self, rows: list[int]) -> torch.Tensor | None:
+        """[n, 3, size, size] uint8 on `device`, decoded by torchvision (nvJPEG on CUDA) with the resize and crop of
+        `_decode` (antialiased bilinear: a pixel or two off Pillow's); None when the decoder refuses a file."""
+        from torchvision.io import ImageReadMode, decode_jpeg, read_file
         from torchvision.transforms.v2.functional import resize
 
         with ThreadPoolExecutor(max_workers=self.workers) as pool:
-            encoded = list(pool.map(lambda i: torch.frombuffer(Path(self.paths[i]).read_bytes(), dtype=torch.uint8),
-                                    rows))  # fmt: skip
+            encoded = list(pool.map(lambda i: read_file(self.paths[i]), rows))  # n x [bytes] uint8
         try:
             images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self.device)  # n x [3, h, w]
-        except RuntimeError:
+        except (RuntimeError, ValueError):
             return None
         short = round(self.size * 8 / 7)
         crops = []
