@@ -127,6 +127,10 @@ def test_prepared_shards_hold_the_decoded_pixels_and_builds_read_them(imagenet, 
 
     with pytest.raises(SystemExit):  # another size into the same cache is refused
         main(["prepare", "imagenet", f"data_root={root}", "size=16"])
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit):  # a folder of other files is not a cache to resume
+        main(["prepare", "imagenet", f"data_root={root}", f"out={tmp_path / 'other'}"])
     (prepared / "val-00000.npy").unlink()
     with pytest.raises(DatasetError, match="unfinished"):
         PreparedImages.open(prepared, "val", MEAN, STD)
@@ -134,9 +138,12 @@ def test_prepared_shards_hold_the_decoded_pixels_and_builds_read_them(imagenet, 
 
 def test_torchvision_decoding_the_gpu_uses_matches_pillow(tmp_path):
     """The decode ImageFiles runs on CUDA (nvJPEG there, libjpeg here): same resize and crop as Pillow's."""
-    from benchmarks.imagenet_decoding import synthetic_jpegs
-
-    paths = synthetic_jpegs(tmp_path, 4)  # 500 x 375, smooth
+    generator = torch.Generator().manual_seed(0)
+    paths = []
+    for i in range(4):  # smooth 500 x 375 photos-to-be, as in benchmarks/imagenet_decoding.py
+        coarse = torch.randint(0, 256, (12, 16, 3), dtype=torch.uint8, generator=generator).numpy()
+        Image.fromarray(coarse).resize((500, 375), Image.Resampling.BICUBIC).save(tmp_path / f"{i}.JPEG", quality=90)
+        paths.append(str(tmp_path / f"{i}.JPEG"))
     files = ImageFiles(paths, 224, MEAN, STD, workers=2)
     torchvision_pixels = files.decode_torchvision([0, 1, 2, 3]).float()  # [4, 3, 224, 224]
     assert torchvision_pixels.shape == (4, 3, 224, 224)

@@ -110,9 +110,13 @@ def prepare_imagenet(data_root: str, out: str | None = None, size: int | None = 
     manifest = {"format": FORMAT, "size": size, "shard_images": SHARD_IMAGES,
                 "splits": {official: len(paths) for official, (paths, _) in files.items()}}  # fmt: skip
     folder.mkdir(parents=True, exist_ok=True)
-    if (folder / "prepared.json").exists() and read_manifest(folder) != manifest:
-        raise DatasetError(f"{folder} holds a cache of other files or another size ({read_manifest(folder)}); "
-                           "overwrite=true replaces it")  # fmt: skip
+    if (folder / "prepared.json").exists():
+        if read_manifest(folder) != manifest:
+            raise DatasetError(f"{folder} holds a cache of other files or another size ({read_manifest(folder)}); "
+                               "overwrite=true replaces it")  # fmt: skip
+    elif any(folder.iterdir()):
+        raise DatasetError(f"{folder} holds files but no prepared.json: not a cache to resume; choose another out")
+    (folder / "prepared.json").write_text(json.dumps(manifest, indent=1) + "\n")  # first: what a rerun checks
     for official, (paths, labels) in files.items():
         relative = [str(Path(p).relative_to(root / "imagenet" / official)) for p in paths]
         listing = "\n".join(relative) + "\n"
@@ -120,7 +124,6 @@ def prepare_imagenet(data_root: str, out: str | None = None, size: int | None = 
             raise DatasetError(f"{folder}/{official}-files.txt lists other files; overwrite=true replaces the cache")
         (folder / f"{official}-files.txt").write_text(listing)
         np.save(folder / f"{official}-labels.npy", labels.numpy())
-    (folder / "prepared.json").write_text(json.dumps(manifest, indent=1) + "\n")
     for official, (paths, _) in files.items():
         decoder = ImageFiles(paths, size, meta.mean, meta.std, workers=workers)
         names = shard_names(official, len(paths))
