@@ -47,6 +47,7 @@ COMMANDS = {
     "verify": "check every checkpoint of a zoo against its sha256 (vitzoo verify <zoo>)",
     "export": "zoo models as timm / Hugging Face folders (vitzoo export <zoo> [model ids] out=<dir>)",
     "summary": "a zoo's models and their accuracy spread per parent and factor (vitzoo summary <zoo>)",
+    "prepare": "decode ImageNet once into memory-mapped shards that builds read (vitzoo prepare imagenet data_root=…)",
 }
 
 
@@ -64,8 +65,10 @@ OUTPUT_MARKERS = {
     "train": ("train_state.safetensors", "generator.safetensors", "autoencoder.safetensors", "transfer.safetensors"),
     "demo": ("stages.json",),
     "export": ("export.json",),
+    "prepare": ("prepared.json",),
 }
-RESUMABLE = ("build", "train", "demo", "import")  # they check themselves that an existing out is the same run
+# they check themselves that an existing out is the same run
+RESUMABLE = ("build", "train", "demo", "import", "prepare")
 # errors of the file system that mean bad input or a full disk, not a bug
 USER_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENAMETOOLONG,
                errno.ENOTDIR, errno.EISDIR}  # fmt: skip
@@ -186,7 +189,8 @@ def main(argv: list[str] | None = None) -> None:
         run_zoo_command("generalisation", rest, generalisation_task)
     elif command in PLAIN_COMMANDS:
         {"verify": verify_command, "probe": probe_command, "import": import_command, "export": export_command,
-         "conditioning": conditioning_command, "summary": summary_command}[command](rest)  # fmt: skip
+         "conditioning": conditioning_command, "summary": summary_command,
+         "prepare": prepare_command}[command](rest)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------- hydra
@@ -837,6 +841,16 @@ PLAIN_COMMANDS = {  # commands without Hydra: their arguments and key=value opti
         [Positional("zoo", "zoo folder, or 'bundled'")],
         {"metric": Option("test_acc", "the metric spread over parents and factors")},
     ),
+    "prepare": (
+        [Positional("dataset", "the dataset to prepare: imagenet")],
+        {
+            "data_root": Option(None, "folder holding imagenet/train/<wnid>/ and imagenet/val/<wnid>/"),
+            "out": Option(None, "the cache; null: <data_root>/imagenet_prepared, where builds look for it"),
+            "size": Option(None, "side of the stored images; null: 224, the pixels of a JPEG decode", int),
+            "workers": Option(None, "decoding threads; null: one per core", int),
+            "overwrite": Option(False, "replace an earlier cache in out (else a rerun resumes it)", bool),
+        },
+    ),
 }
 
 
@@ -986,6 +1000,21 @@ def summary_command(args: list[str]) -> None:
         print(zoo.summary())
         print()
         print(spread_tables(zoo, options["metric"]))
+
+
+def prepare_command(args: list[str]) -> None:
+    named, options = plain_arguments("prepare", args)
+    with one_line_errors("prepare"):
+        if named["dataset"] != "imagenet":
+            raise ConfigError(f"prepare knows imagenet only (the others fit in memory), not {named['dataset']!r}")
+        if options["data_root"] is None:
+            raise ConfigError("prepare needs data_root=<path> holding imagenet/train/<wnid>/ and imagenet/val/<wnid>/")
+        out = Path(options["out"] or Path(options["data_root"]) / "imagenet_prepared")
+        prepare_out("prepare", out, options["overwrite"])
+        from vitzoo.zoo_builder.prepared import prepare_imagenet  # torch and Pillow: after the cheap checks
+
+        folder = prepare_imagenet(options["data_root"], str(out), options["size"], options["workers"])
+    print(f"imagenet prepared in {folder}; builds read it from <data_root>/imagenet_prepared")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ seed, so `train`, `val` and `test` never overlap and selection never needs the t
 Nothing is downloaded: `digits` ships inside scikit-learn; Fashion-MNIST is read from IDX files (the
 Debian package `dataset-fashion-mnist` installs them under `/usr/share/datasets/fashion-mnist`);
 CIFAR is read by torchvision from a root the user gives. ImageNet (150 GB of JPEGs) is never held in memory:
-its splits are `ImageFiles`, which decode the images of each batch when indexed (see there).
+its splits are `StoredImages`, which read the images of each batch when indexed: `ImageFiles` decode JPEGs,
+`PreparedImages` (zoo_builder/prepared.py) read the uint8 shards `vitzoo prepare imagenet` wrote, memory-mapped.
 """
 
 from __future__ import annotations
@@ -93,36 +94,72 @@ def load_split(
 
 
 def take(images, index: torch.Tensor | slice):
-    """Rows of a split's images without decoding them: a tensor's rows, or fewer `ImageFiles`."""
-    return images.select(index) if isinstance(images, ImageFiles) else images[index]
+    """Rows of a split's images without decoding them: a tensor's rows, or fewer `StoredImages`."""
+    return images.select(index) if isinstance(images, StoredImages) else images[index]
 
 
-class ImageFiles:
-    """A split kept on disk as image files, decoded batch by batch: what `load_split` gives for ImageNet.
+class StoredImages:
+    """A split kept on disk, read batch by batch: what `load_split` gives for ImageNet.
 
-    It is indexed like the images tensor of the other datasets, and indexing decodes: `files[index]` for an index
-    tensor of any shape is `[*index.shape, 3, size, size]` float32, normalised, on `device`; `files[a:b]` is
-    `[b - a, 3, size, size]`. Each image is resized to `size * 8 / 7` (256 for 224) on its short side and
-    centre-cropped to `size`: the standard ImageNet evaluation transform; in training the builder's own affine
-    augmentation follows, as for every dataset. `select` gives a subset without decoding.
+    It is indexed like the images tensor of the other datasets, and indexing reads: `images[index]` for an index
+    tensor of any shape is `[*index.shape, 3, size, size]` float32, normalised, on `device`; `images[a:b]` is
+    `[b - a, 3, size, size]`. `select` gives a subset without reading. Subclasses say where the pixels come from
+    (`pixels`): JPEG files (`ImageFiles`) or the memory-mapped shards of `vitzoo prepare` (`PreparedImages`)."""
 
-    Decoding uses Pillow (as torchvision's ImageFolder does) on `workers` threads: Pillow releases the GIL while it
-    decodes and resizes. Pixels stay uint8 until they are on `device`, where they are normalised in one pass."""
-
-    def __init__(self, paths: list[str], size: int, mean: tuple[float, ...], std: tuple[float, ...],
-                 device: torch.device | str = "cpu", workers: int | None = None):  # fmt: skip
-        self.paths = paths
+    def __init__(self, size: int, mean: tuple[float, ...], std: tuple[float, ...], device: torch.device | str):
         self.size = size
         self.mean, self.std = mean, std
         self.device = torch.device(device)
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def pixels(self, rows: list[int]) -> torch.Tensor:
+        """[n, 3, size, size] uint8 on `device`: the images of `rows`, as stored (not normalised)."""
+        raise NotImplementedError
+
+    def select(self, index: torch.Tensor | slice) -> StoredImages:
+        raise NotImplementedError
+
+    def to(self, device: torch.device | str) -> StoredImages:
+        raise NotImplementedError
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self), 3, self.size, self.size)
+
+    def normalise(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels [..., 3, H, W] as float32 normalised with the dataset's mean and std, in one pass."""
+        mean = torch.tensor(self.mean, device=pixels.device).view(-1, 1, 1) * 255
+        std = torch.tensor(self.std, device=pixels.device).view(-1, 1, 1) * 255
+        return pixels.float().sub_(mean).div_(std)  # in place: one float copy of the pixels, not three
+
+    def __getitem__(self, index: torch.Tensor | slice | int) -> torch.Tensor:
+        if isinstance(index, int):
+            return self[torch.tensor([index])][0]
+        flat = torch.arange(len(self))[index] if isinstance(index, slice) else index.reshape(-1).cpu()
+        images = self.normalise(self.pixels(flat.tolist()))  # [n, 3, size, size]
+        return images.view(*(flat.shape if isinstance(index, slice) else index.shape), *images.shape[1:])
+
+
+class ImageFiles(StoredImages):
+    """ImageNet's JPEG files, decoded when indexed (see `StoredImages`). Each image is resized to `size * 8 / 7`
+    (256 for 224) on its short side and centre-cropped to `size`: the standard ImageNet evaluation transform; in
+    training the builder's own affine augmentation follows, as for every dataset.
+
+    On the CPU, decoding uses Pillow (as torchvision's ImageFolder does) on `workers` threads: Pillow releases the GIL
+    while it decodes and resizes; pixels stay uint8 until they are on `device`. On a CUDA `device` the files are read
+    on the CPU and decoded on the GPU (nvJPEG through `torchvision.io.decode_jpeg`); a batch nvJPEG refuses (a PNG,
+    a CMYK JPEG) is decoded by Pillow instead. The two decoders' resizes differ in the last bit of some pixels."""
+
+    def __init__(self, paths: list[str], size: int, mean: tuple[float, ...], std: tuple[float, ...],
+                 device: torch.device | str = "cpu", workers: int | None = None):  # fmt: skip
+        super().__init__(size, mean, std, device)
+        self.paths = paths
         self.workers = workers or os.cpu_count() or 1
 
     def __len__(self) -> int:
         return len(self.paths)
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return (len(self.paths), 3, self.size, self.size)
 
     def select(self, index: torch.Tensor | slice) -> ImageFiles:
         paths = self.paths[index] if isinstance(index, slice) else [self.paths[i] for i in index.tolist()]
@@ -131,17 +168,22 @@ class ImageFiles:
     def to(self, device: torch.device | str) -> ImageFiles:
         return ImageFiles(self.paths, self.size, self.mean, self.std, device, self.workers)
 
-    def __getitem__(self, index: torch.Tensor | slice | int) -> torch.Tensor:
-        if isinstance(index, int):
-            return self[torch.tensor([index])][0]
-        flat = torch.arange(len(self.paths))[index] if isinstance(index, slice) else index.reshape(-1).cpu()
+    def pixels(self, rows: list[int]) -> torch.Tensor:
+        if self.device.type == "cuda":
+            decoded = self.decode_torchvision(rows)
+            if decoded is not None:
+                return decoded
+        # [n, size, size, 3]: pinned when bound for a GPU, so the copy there does not wait for the CPU
+        pixels = torch.empty((len(rows), self.size, self.size, 3), dtype=torch.uint8,
+                             pin_memory=self.device.type == "cuda")  # fmt: skip
+        out = pixels.numpy()
+
+        def decode_into(slot: int) -> None:
+            out[slot] = self._decode(rows[slot])
+
         with ThreadPoolExecutor(max_workers=self.workers) as pool:
-            pixels = np.stack(list(pool.map(self._decode, flat.tolist())))  # [n, size, size, 3] uint8
-        images = torch.from_numpy(pixels).to(self.device).permute(0, 3, 1, 2).float()  # [n, 3, size, size]
-        mean = torch.tensor(self.mean, device=self.device).view(1, -1, 1, 1) * 255
-        std = torch.tensor(self.std, device=self.device).view(1, -1, 1, 1) * 255
-        images = (images - mean) / std
-        return images.view(*(flat.shape if isinstance(index, slice) else index.shape), *images.shape[1:])
+            list(pool.map(decode_into, range(len(rows))))
+        return pixels.to(self.device, non_blocking=True).permute(0, 3, 1, 2)  # [n, 3, size, size]
 
     def _decode(self, i: int) -> np.ndarray:
         """[size, size, 3] uint8: one image, resized on its short side and centre-cropped."""
@@ -155,6 +197,29 @@ class ImageFiles:
             image = image.resize((width, height), Image.Resampling.BILINEAR, reducing_gap=None)
             left, top = (width - self.size) // 2, (height - self.size) // 2
             return np.asarray(image.crop((left, top, left + self.size, top + self.size)))
+
+    def decode_torchvision(self, rows: list[int]) -> torch.Tensor | None:
+        """[n, 3, size, size] uint8 on `device`, decoded by torchvision (nvJPEG on CUDA) with the resize and crop of
+        `_decode` (antialiased bilinear: a pixel or two off Pillow's); None when the decoder refuses a file."""
+        from torchvision.io import ImageReadMode, decode_jpeg, read_file
+        from torchvision.transforms.v2.functional import resize
+
+        with ThreadPoolExecutor(max_workers=self.workers) as pool:
+            encoded = list(pool.map(lambda i: read_file(self.paths[i]), rows))  # n x [bytes] uint8
+        try:
+            images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self.device)  # n x [3, h, w]
+        except (RuntimeError, ValueError):
+            return None
+        short = round(self.size * 8 / 7)
+        crops = []
+        for image in images:
+            height, width = image.shape[-2:]
+            scale = short / min(height, width)
+            height, width = max(short, round(height * scale)), max(short, round(width * scale))
+            resized = resize(image, [height, width], antialias=True)  # [3, height, width]
+            top, left = (height - self.size) // 2, (width - self.size) // 2  # as `_decode` crops
+            crops.append(resized[:, top : top + self.size, left : left + self.size])
+        return torch.stack(crops)
 
 
 @lru_cache(maxsize=8)
@@ -262,30 +327,48 @@ def _cifar(name: str, split: str, root: str | None) -> tuple[torch.Tensor, torch
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 
 
-def _imagenet(split: str, root: str | None, meta: DatasetInfo) -> tuple[ImageFiles, torch.Tensor]:
+PREPARED_FOLDER = "imagenet_prepared"  # beside imagenet/ under a data_root: `vitzoo prepare imagenet`'s default out
+
+
+def _imagenet(split: str, root: str | None, meta: DatasetInfo) -> tuple[StoredImages, torch.Tensor]:
     """ImageNet-1k in the ImageFolder layout, beside the other datasets of `root` (CIFAR's `cifar-100-python/`):
     `<root>/imagenet/train/<wnid>/*.JPEG` and `<root>/imagenet/val/<wnid>/*.JPEG`. Our test split is the official
-    validation set; our val split is carved from the official train set."""
+    validation set; our val split is carved from the official train set. When `<root>/imagenet_prepared` holds the
+    shards of `vitzoo prepare imagenet`, they are read instead of the JPEGs (the same pixels as a CPU decode)."""
     if root is None:
         raise DatasetError("imagenet needs data_root=<path> holding imagenet/train/<wnid>/ and imagenet/val/<wnid>/; "
                            "nothing is downloaded")  # fmt: skip
-    folder = Path(root) / "imagenet" / ("val" if split == "test" else "train")
+    official = "val" if split == "test" else "train"
+    prepared = Path(root) / PREPARED_FOLDER
+    if prepared.is_dir():
+        from vitzoo.zoo_builder.prepared import PreparedImages
+
+        images = PreparedImages.open(prepared, official, meta.mean, meta.std)
+        labels = images.labels
+    else:
+        paths, labels = imagenet_files(Path(root), official)
+        images = ImageFiles(paths, meta.image_size, meta.mean, meta.std)
+    if split != "test":
+        index = torch.from_numpy(_carve(len(labels), len(labels) // 25, split))  # val: 4%, about 51,000 images
+        images, labels = images.select(index), labels[index]
+    return images, labels
+
+
+def imagenet_files(root: Path, official: str) -> tuple[list[str], torch.Tensor]:
+    """The image paths of ImageNet's official `train` or `val` folder under `root`, in ImageFolder order (sorted
+    wnids, then sorted names), and their labels [N] (the wnid's index)."""
+    folder = root / "imagenet" / official
     if not folder.is_dir():
         raise DatasetError(f"imagenet not found: {folder} is not a folder (expected <root>/imagenet/train and /val)")
     classes = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
-    if len(classes) != meta.num_classes:
-        raise DatasetError(f"imagenet: {folder} holds {len(classes)} class folders, expected {meta.num_classes}")
+    if len(classes) != DATASETS["imagenet"].num_classes:
+        raise DatasetError(f"imagenet: {folder} holds {len(classes)} class folders, expected 1000")
     paths, labels = [], []
     for label, wnid in enumerate(classes):
         files = sorted(e.path for e in os.scandir(folder / wnid) if e.name.lower().endswith(IMAGE_SUFFIXES))
         paths += files
         labels += [label] * len(files)
-    labels = torch.tensor(labels, dtype=torch.long)
-    images = ImageFiles(paths, meta.image_size, meta.mean, meta.std)
-    if split != "test":
-        index = torch.from_numpy(_carve(len(labels), len(labels) // 25, split))  # val: 4%, about 51,000 images
-        images, labels = images.select(index), labels[index]
-    return images, labels
+    return paths, torch.tensor(labels, dtype=torch.long)
 
 
 def resize_for(images: torch.Tensor, image_size: int) -> torch.Tensor:

@@ -26,10 +26,11 @@ from torch.func import functional_call, grad_and_value, vmap
 from vitzoo.errors import ConfigError
 from vitzoo.zoo_builder.augment import affine_params, augment, epoch_generator
 from vitzoo.zoo_builder.blueprint import Factors
+from vitzoo.zoo_builder.data import StoredImages, load_split, resize_for, take
 from vitzoo.zoo_builder.data import info as dataset_info
-from vitzoo.zoo_builder.data import load_split, resize_for, take
 from vitzoo.zoo_builder.models import Architecture, autocast, build_vit, check_precision
 from vitzoo.zoo_builder.optim import PopulationOptimizer, torch_optimizer
+from vitzoo.zoo_builder.pool import PoolPlan, pool_plan, pooled_batches
 
 # factors that must agree inside one population (they fix shapes, the data or the optimizer's code path)
 STACK_FACTORS = (
@@ -170,19 +171,23 @@ class PopulationTrainer:
             self._splits[split] = (images.to(self.device), labels.to(self.device))
         return self._splits[split]
 
-    def _epoch_plan(self, epoch: int, n: int):
-        """Per-model data order [m, steps, b] and augmentation matrices [m, steps, b, 2, 3] (x2 views)."""
+    def _epoch_plan(self, epoch: int, n: int, pooled: bool = False):
+        """Per-model data order [m, steps, b] (a `PoolPlan` when `pooled`: images read from disk, see pool.py)
+        and augmentation matrices [m, steps, b, 2, 3] (x2 views)."""
         b = self.shared.batch_size
         steps = n // b
         if steps == 0:
             raise ConfigError(f"batch_size {b} exceeds the {n} training images of {self.shared.dataset}")
+        rows = self.factors * (self.rows // self.m)
         orders, thetas, thetas2 = [], [], []
-        for f in self.factors * (self.rows // self.m):
-            orders.append(torch.randperm(n, generator=epoch_generator(f.seed, epoch, 0))[: steps * b].view(steps, b))
+        for f in rows:
+            if not pooled:
+                order = torch.randperm(n, generator=epoch_generator(f.seed, epoch, 0))[: steps * b]
+                orders.append(order.view(steps, b))
             thetas.append(affine_params(steps * b, f.augment, self.hflip, epoch_generator(f.seed, epoch, 1)))
             if self.contrastive:
                 thetas2.append(affine_params(steps * b, f.augment, self.hflip, epoch_generator(f.seed, epoch, 2)))
-        order = torch.stack(orders)
+        order = pool_plan(n, b, [f.seed for f in rows], epoch) if pooled else torch.stack(orders)
         theta = torch.stack(thetas).view(self.rows, steps, b, 2, 3)
         theta2 = torch.stack(thetas2).view(self.rows, steps, b, 2, 3) if self.contrastive else None
         return steps, order, theta, theta2
@@ -204,27 +209,34 @@ class PopulationTrainer:
                 correct = (logits.argmax(dim=-1) == y).sum()
         return loss, correct
 
-    def _batch(self, images, labels, order, theta, theta2, step):
-        """The batch of every model at `step`: x [m, b, C, H, W] (or [m, 2, b, ...]), y [m, b]."""
-        index = order[:, step].to(self.device)  # [m, b]
-        x, y = images[index], labels[index]
+    def _batches(self, images, labels, order, steps: int):
+        """Every step's images x [m, b, C, H, W] (normalised, not augmented) and labels y [m, b]. Images on disk
+        come from one shared pool per few steps, read ahead of training (`order` is then a `PoolPlan`)."""
+        if isinstance(order, PoolPlan):
+            yield from pooled_batches(images, labels, order)
+            return
+        for step in range(steps):
+            index = order[:, step].to(self.device)  # [m, b]
+            yield images[index], labels[index]
+
+    def _views(self, x, theta, theta2, step):
+        """Every model's augmented batch at `step`: [m, b, C, H, W] (or [m, 2, b, ...] for two views)."""
         view1 = resize_for(augment(x, theta[:, step], self.augmented), self.image_size)
         if not self.contrastive:
-            return view1, y
+            return view1
         view2 = resize_for(augment(x, theta2[:, step], self.augmented), self.image_size)
-        return torch.stack([view1, view2], dim=1), y
+        return torch.stack([view1, view2], dim=1)
 
     # -------------------------------------------------------------------------------------- training
 
     def train_epoch(self, epoch: int, progress=None) -> EpochMetrics:
         """One epoch for every model; returns train loss and accuracy (averaged over the epoch's batches)."""
         images, labels = self.split("train")
-        steps, order, theta, theta2 = self._epoch_plan(epoch, len(labels))
+        steps, order, theta, theta2 = self._epoch_plan(epoch, len(labels), pooled=isinstance(images, StoredImages))
         loss_sum = torch.zeros(self.rows, device=self.device)
         correct_sum = torch.zeros(self.rows, device=self.device)
-        for step in range(steps):
-            x, y = self._batch(images, labels, order, theta, theta2, step)
-            losses, correct = self._train_step(x, y)
+        for step, (x, y) in enumerate(self._batches(images, labels, order, steps)):
+            losses, correct = self._train_step(self._views(x, theta, theta2, step), y)
             finite = torch.isfinite(losses)
             self.active &= finite
             loss_sum += torch.where(finite, losses, torch.nan).detach()
