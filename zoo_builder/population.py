@@ -165,7 +165,8 @@ class PopulationTrainer:
             )
             for f in factors
         ]  # per row: SimCLR's colour distortions, None when off
-        # per row: timm's soft-target loss (a tensor, so vmap can pick it per model); None in no row: all as before
+        # per row: timm's soft-target loss (a tensor, so vmap can pick it per model); when no row takes it, the
+        # supervised loss is computed as it always was
         self.soft_targets = torch.tensor([f.loss == "soft_target" for f in factors], device=device)
         self.mixes = [f.loss == "soft_target" or f.random_erasing > 0 for f in factors]  # rows through mix_and_erase
         self.soft_target_loss = SoftTargetCrossEntropy()
