@@ -137,3 +137,93 @@ def test_cuda_population_matches_cpu_population():
         for key in a:
             if not key.endswith("qkv.bias"):  # see test_vmap_population_matches_per_model_loop
                 torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-4, msg=key)
+
+
+def assert_same_weights(got_states, want_states, rtol=1e-4, atol=2e-5):
+    """Weights of two trainers alike; the key bias is left out (see test_vmap_population_matches_per_model_loop)."""
+    dim = ARCH.kwargs["embed_dim"]
+    q_and_v = torch.cat([torch.arange(dim), torch.arange(2 * dim, 3 * dim)])
+    for got, want in zip(got_states, want_states):
+        assert got.keys() == want.keys()
+        for key in got:
+            a, b = (got[key][q_and_v], want[key][q_and_v]) if key.endswith("attn.qkv.bias") else (got[key], want[key])
+            torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=key)
+
+
+# the paper's settings (configs/zoo/vit_s16_imagenet_cifar100.yaml) on Fashion-MNIST, one model with them off
+PAPER_SUPERVISED = dict(loss="soft_target", mixup=0.8, cutmix=1.0, random_erasing=0.25, label_smoothing=0.1)
+PAPER_FINETUNE = dict(PAPER_SUPERVISED, augment=0.25, hflip=0.5, rotation=10)
+PAPER_SIMCLR = dict(
+    augment=1.0,
+    hflip=0.5,
+    jitter_brightness=0.5,
+    jitter_contrast=0.5,
+    jitter_saturation=0.5,
+    jitter_hue=0.1,
+    jitter_prob=0.8,
+    grayscale_prob=0.2,
+    blur_kernel=9,
+)
+
+
+@pytest.mark.parametrize(
+    "objective, settings",
+    [("supervised", [{}, PAPER_SUPERVISED, PAPER_FINETUNE]), ("contrastive", [{}, PAPER_SIMCLR])],
+)
+def test_vmap_population_matches_per_model_loop_with_the_papers_settings(objective, settings):
+    base = dict(objective=objective, batch_size=32, train_subset=128, epochs=1, dataset="fashion_mnist")
+    factors = [Factors(seed=s, lr=3e-3, **base, **extra) for s, extra in enumerate(settings)]
+    population, loop = make_trainer(factors, "vmap"), make_trainer(factors, "loop")
+    got, want = population.train_epoch(1).values, loop.train_epoch(1).values
+    torch.testing.assert_close(torch.tensor(got["train_loss"]), torch.tensor(want["train_loss"]), rtol=1e-4, atol=1e-5)
+    assert_same_weights(population.state_dicts(), loop.state_dicts())
+
+
+def test_mixup_applies_per_model_and_leaves_a_model_without_it_untouched():
+    """Two models, one with Mixup/CutMix/erasing and one without, in one population: the one without gets the
+    very batches and trains to the very weights it gets beside a plain twin; the other's batches are mixed."""
+    base = dict(batch_size=32, train_subset=128, epochs=1, dataset="fashion_mnist", lr=3e-3)
+    plain, twin = Factors(seed=0, **base), Factors(seed=1, **base)
+    mixed = Factors(seed=1, **base, **PAPER_SUPERVISED)
+    beside_mixed, beside_plain = make_trainer([plain, mixed], "vmap"), make_trainer([plain, twin], "vmap")
+
+    images, labels = beside_mixed.split("train")
+    steps, order, theta, theta2, seeds = beside_mixed._epoch_plan(1, len(labels))
+    x, y = next(beside_mixed._batches(images, labels, order, steps))  # step 0's images
+    x, y, soft = beside_mixed._augmented(x, y, theta, theta2, seeds, 0)
+    untouched = images[order[:, 0]]  # [m, b, C, H, W]: the drawn images, no augmentation (augment 0)
+    assert torch.equal(x[0], untouched[0])
+    assert not torch.equal(x[1], untouched[1])
+    k = plain.num_outputs
+    assert soft.shape == (2, 32, k)
+    assert not torch.equal(soft[1], torch.nn.functional.one_hot(y[1], k).float()), "mixed and smoothed targets"
+
+    beside_mixed.train_epoch(1)
+    beside_plain.train_epoch(1)
+    for key, value in beside_plain.state_dicts()[0].items():
+        assert torch.equal(beside_mixed.state_dicts()[0][key], value), key
+    assert not torch.equal(beside_mixed.state_dicts()[1]["head.weight"], beside_plain.state_dicts()[1]["head.weight"])
+
+
+def test_regularisers_depend_only_on_the_models_seed_and_restore_the_global_generators():
+    """The timm/torchvision transforms draw from global generators: seeded per model and step, then restored."""
+    import random
+
+    import numpy as np
+
+    base = dict(batch_size=32, train_subset=128, epochs=1, dataset="fashion_mnist", **PAPER_SUPERVISED)
+    alone = make_trainer([Factors(seed=3, **base)], "loop")
+    crowd = make_trainer([Factors(seed=s, **base) for s in (0, 3)], "loop")
+    torch.manual_seed(123)
+    states = (random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state())
+    batches = []
+    for trainer, row in ((alone, 0), (crowd, 1)):
+        images, labels = trainer.split("train")
+        steps, order, theta, theta2, seeds = trainer._epoch_plan(1, len(labels))
+        x, y = next(trainer._batches(images, labels, order, steps))  # step 0's images
+        x, y, soft = trainer._augmented(x, y, theta, theta2, seeds, 0)
+        batches.append((x[row], soft[row]))
+    assert torch.equal(batches[0][0], batches[1][0]) and torch.equal(batches[0][1], batches[1][1])
+    assert random.getstate() == states[0]
+    assert np.array_equal(np.random.get_state()[1], states[1])
+    assert torch.equal(torch.get_rng_state(), states[2])

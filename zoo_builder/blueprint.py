@@ -21,6 +21,7 @@ from vitzoo.zoo_builder.data import info as dataset_info
 from vitzoo.zoo_builder.models import HEADS, INIT_SCHEMES, Architecture
 
 OBJECTIVES = ("supervised", "contrastive")
+LOSSES = ("cross_entropy", "soft_target")  # soft_target: timm's SoftTargetCrossEntropy on (mixed) smoothed targets
 OPTIMIZERS = ("adamw", "sgd")
 STAGES = ("pretrain", "finetune")
 
@@ -50,6 +51,20 @@ class Factors:
     dataset: str = "digits"
     classes: Optional[List[int]] = None  # class subset; None = all classes
     train_subset: Optional[int] = None  # only the first n images of the (fixed) train split
+    # Added later (see LATER_FACTORS): the paper's training settings. Each default leaves training as it was.
+    hflip: Optional[float] = None  # horizontal flip probability; None = augment / 2
+    rotation: float = 0.0  # random rotation of up to this many degrees
+    loss: str = "cross_entropy"  # cross_entropy | soft_target (supervised only; needed by mixup and cutmix)
+    mixup: float = 0.0  # timm Mixup alpha (0 = off)
+    cutmix: float = 0.0  # timm CutMix alpha (0 = off); with mixup on too, each batch takes one of them at p 0.5
+    random_erasing: float = 0.0  # timm RandomErasing probability per image (per-pixel noise)
+    jitter_brightness: float = 0.0  # SimCLR colour jitter (torchvision ColorJitter) strengths ...
+    jitter_contrast: float = 0.0
+    jitter_saturation: float = 0.0
+    jitter_hue: float = 0.0
+    jitter_prob: float = 0.0  # ... applied to an image with this probability (0 = off)
+    grayscale_prob: float = 0.0  # torchvision RandomGrayscale probability
+    blur_kernel: int = 0  # torchvision GaussianBlur kernel size (odd; sigma in [0.1, 2]); 0 = off
 
     def validate(self) -> None:
         checks = [
@@ -65,6 +80,26 @@ class Factors:
             (0 <= self.dropout < 1 and 0 <= self.drop_path < 1, "dropout and drop_path must be in [0, 1)"),
             (0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)"),
             (self.temperature > 0, "temperature must be positive"),
+            (self.hflip is None or 0 <= self.hflip <= 1, "hflip must be None or in [0, 1]"),
+            (not self.hflip or dataset_info(self.dataset).hflip, f"flips do not preserve {self.dataset}'s labels"),
+            (0 <= self.rotation <= 180, "rotation must be in [0, 180] degrees"),
+            (self.loss in LOSSES, f"loss must be one of {LOSSES}"),
+            (self.mixup >= 0 and self.cutmix >= 0, "mixup and cutmix must be >= 0"),
+            (0 <= self.random_erasing <= 1, "random_erasing must be in [0, 1]"),
+            (not (self.mixup or self.cutmix) or self.loss == "soft_target", "mixup and cutmix need loss=soft_target"),
+            (not (self.mixup or self.cutmix) or self.batch_size % 2 == 0, "mixup and cutmix need an even batch_size"),
+            (
+                self.objective == "supervised"
+                or (self.loss, self.mixup, self.cutmix, self.random_erasing) == ("cross_entropy", 0, 0, 0),
+                "loss, mixup, cutmix and random_erasing are supervised settings",
+            ),
+            (
+                min(self.jitter_brightness, self.jitter_contrast, self.jitter_saturation) >= 0
+                and 0 <= self.jitter_hue <= 0.5,
+                "jitter strengths must be >= 0 (hue <= 0.5)",
+            ),
+            (0 <= self.jitter_prob <= 1 and 0 <= self.grayscale_prob <= 1, "probabilities must be in [0, 1]"),
+            (self.blur_kernel == 0 or (self.blur_kernel > 0 and self.blur_kernel % 2), "blur_kernel must be 0 or odd"),
         ]
         for ok, message in checks:
             if not ok:
@@ -78,10 +113,20 @@ class Factors:
         return len(self.classes) if self.classes else dataset_info(self.dataset).num_classes
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """All factors, except later ones at their defaults: the ids and records of older zoos stay as they were."""
+        return {
+            name: value
+            for name, value in asdict(self).items()
+            if name not in LATER_FACTORS or value != LATER_FACTORS[name]
+        }
 
 
 FACTOR_NAMES = tuple(f.name for f in fields(Factors))
+# Factors added after zoos had been built (the bundled one among them), with their defaults. `to_dict` (hence
+# `model_id`, run records and zoo.json's blueprints) leaves them out at their defaults, so adding them changed no id.
+LATER_FACTOR_NAMES = """hflip rotation loss mixup cutmix random_erasing jitter_brightness jitter_contrast
+    jitter_saturation jitter_hue jitter_prob grayscale_prob blur_kernel""".split()
+LATER_FACTORS = {f.name: f.default for f in fields(Factors) if f.name in LATER_FACTOR_NAMES}
 
 
 @dataclass
@@ -119,7 +164,12 @@ class Blueprint:
         return sorted({f.dataset for stage in (self.pretrain, self.finetune) if stage for f in expand_stage(stage)})
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        for name in STAGES:  # later factors at their defaults left out, as in Factors.to_dict
+            stage = getattr(self, name)
+            if stage is not None and isinstance(stage.factors, Factors):
+                data[name]["factors"] = stage.factors.to_dict()
+        return data
 
 
 def blueprint_from_config(cfg) -> Blueprint:

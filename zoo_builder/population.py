@@ -2,9 +2,11 @@
 
 The parameters of m models are stacked ([m, ...] per tensor) and one `vmap(grad(...))` call computes
 every model's gradients on its own batch; `PopulationOptimizer` applies every model's own AdamW/SGD
-step with its own learning rate and weight decay. Each model has its own seed, data order, augmentation
-and label smoothing. `mode="loop"` trains the same models one by one with `nn.Module`s and
-`torch.optim` on exactly the same batches: the reference the population path is tested against.
+step with its own learning rate and weight decay. Each model has its own seed, data order, augmentation,
+label smoothing, loss (cross-entropy or timm's soft-target cross-entropy), Mixup/CutMix, random erasing and
+SimCLR colour distortions (see `augment`): a model with these off trains exactly as it would without them.
+`mode="loop"` trains the same models one by one with `nn.Module`s and `torch.optim` on exactly the same
+batches: the reference the population path is tested against.
 
 On the CPU a model's training does not depend on the population it sits in (tested bit for bit): vmap's
 batching rules give the same floats for every population size but one (a single model takes other kernels,
@@ -21,10 +23,18 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from timm.loss import SoftTargetCrossEntropy
 from torch.func import functional_call, grad_and_value, vmap
 
 from vitzoo.errors import ConfigError
-from vitzoo.zoo_builder.augment import affine_params, augment, epoch_generator
+from vitzoo.zoo_builder.augment import (
+    affine_params,
+    augment,
+    colour_transform,
+    distort_colours,
+    epoch_generator,
+    mix_and_erase,
+)
 from vitzoo.zoo_builder.blueprint import Factors
 from vitzoo.zoo_builder.data import StoredImages, load_split, resize_for, take
 from vitzoo.zoo_builder.data import info as dataset_info
@@ -118,6 +128,7 @@ class PopulationTrainer:
         meta = dataset_info(self.shared.dataset)
         self.image_size = architecture.kwargs.get("img_size", meta.image_size)
         self.hflip = meta.hflip
+        self.mean, self.std = meta.mean, meta.std
         self.num_outputs = self.shared.num_outputs
 
         def make_model():
@@ -140,7 +151,26 @@ class PopulationTrainer:
         self.weight_decay = per_model("weight_decay")
         self.smoothing = per_model("label_smoothing")
         self.temperature = per_model("temperature")
-        self.augmented = torch.tensor([f.augment > 0 for f in factors])  # [m]: models whose images are transformed
+        # [m]: models whose images are moved (affine)
+        self.augmented = torch.tensor([f.augment > 0 or f.rotation > 0 or bool(f.hflip) for f in factors])
+        self.row_factors = factors  # one per stacked row (the twin included)
+        self.colours = [
+            colour_transform(
+                f.jitter_brightness,
+                f.jitter_contrast,
+                f.jitter_saturation,
+                f.jitter_hue,
+                f.jitter_prob,
+                f.grayscale_prob,
+                f.blur_kernel,
+            )
+            for f in factors
+        ]  # per row: SimCLR's colour distortions, None when off
+        # per row: timm's soft-target loss (a tensor, so vmap can pick it per model); when no row takes it, the
+        # supervised loss is computed as it always was
+        self.soft_targets = torch.tensor([f.loss == "soft_target" for f in factors], device=device)
+        self.mixes = [f.loss == "soft_target" or f.random_erasing > 0 for f in factors]  # rows through mix_and_erase
+        self.soft_target_loss = SoftTargetCrossEntropy()
         self.active = torch.ones(self.rows, dtype=torch.bool, device=device)
 
         if mode == "vmap":
@@ -172,33 +202,37 @@ class PopulationTrainer:
         return self._splits[split]
 
     def _epoch_plan(self, epoch: int, n: int, pooled: bool = False):
-        """Per-model data order [m, steps, b] (a `PoolPlan` when `pooled`: images read from disk, see pool.py)
-        and augmentation matrices [m, steps, b, 2, 3] (x2 views)."""
+        """Per-model data order [m, steps, b] (a `PoolPlan` when `pooled`: images read from disk, see pool.py),
+        augmentation matrices [m, steps, b, 2, 3] (x2 views) and the seeds [m, steps, 3] of the global-generator
+        transforms (colours of view 1 and 2, mixing and erasing)."""
         b = self.shared.batch_size
         steps = n // b
         if steps == 0:
             raise ConfigError(f"batch_size {b} exceeds the {n} training images of {self.shared.dataset}")
-        rows = self.factors * (self.rows // self.m)
-        orders, thetas, thetas2 = [], [], []
-        for f in rows:
+        orders, thetas, thetas2, seeds = [], [], [], []
+        for f in self.row_factors:
             if not pooled:
                 order = torch.randperm(n, generator=epoch_generator(f.seed, epoch, 0))[: steps * b]
                 orders.append(order.view(steps, b))
-            thetas.append(affine_params(steps * b, f.augment, self.hflip, epoch_generator(f.seed, epoch, 1)))
+            moves = dict(flip_prob=f.hflip, rotation=f.rotation)
+            thetas.append(affine_params(steps * b, f.augment, self.hflip, epoch_generator(f.seed, epoch, 1), **moves))
             if self.contrastive:
-                thetas2.append(affine_params(steps * b, f.augment, self.hflip, epoch_generator(f.seed, epoch, 2)))
-        order = pool_plan(n, b, [f.seed for f in rows], epoch) if pooled else torch.stack(orders)
+                generator = epoch_generator(f.seed, epoch, 2)
+                thetas2.append(affine_params(steps * b, f.augment, self.hflip, generator, **moves))
+            seeds.append(torch.randint(2**31 - 1, (steps, 3), generator=epoch_generator(f.seed, epoch, 3)))
+        order = pool_plan(n, b, [f.seed for f in self.row_factors], epoch) if pooled else torch.stack(orders)
         theta = torch.stack(thetas).view(self.rows, steps, b, 2, 3)
         theta2 = torch.stack(thetas2).view(self.rows, steps, b, 2, 3) if self.contrastive else None
-        return steps, order, theta, theta2
+        return steps, order, theta, theta2, torch.stack(seeds)
 
     def _autocast(self):
         return autocast(self.device, self.precision)
 
     # ---------------------------------------------------------------------------------------- losses
 
-    def _loss(self, forward, x, y, smoothing, temperature):
-        """Loss and number of correct predictions of one model. x: [b, C, H, W] or [2, b, C, H, W] (views)."""
+    def _loss(self, forward, x, y, soft, smoothing, soft_target, temperature):
+        """Loss and number of correct predictions of one model. x: [b, C, H, W] or [2, b, C, H, W] (views);
+        y: labels [b]; soft: soft targets [b, k] or None; soft_target: whether this model's loss takes them."""
         with self._autocast():
             if self.contrastive:
                 z = forward(x.flatten(0, 1))  # [2b, k]
@@ -206,6 +240,8 @@ class PopulationTrainer:
             else:
                 logits = forward(x)
                 loss = smoothed_cross_entropy(logits, y, smoothing)
+                if soft is not None:  # torch.where: the branch not taken gets an exactly-zero gradient
+                    loss = torch.where(soft_target, self.soft_target_loss(logits.float(), soft), loss)
                 correct = (logits.argmax(dim=-1) == y).sum()
         return loss, correct
 
@@ -219,24 +255,52 @@ class PopulationTrainer:
             index = order[:, step].to(self.device)  # [m, b]
             yield images[index], labels[index]
 
-    def _views(self, x, theta, theta2, step):
-        """Every model's augmented batch at `step`: [m, b, C, H, W] (or [m, 2, b, ...] for two views)."""
-        view1 = resize_for(augment(x, theta[:, step], self.augmented), self.image_size)
+    def _view(self, x, theta, seeds):
+        """One view of every model's images x [m, b, C, H, W]: moved, at the model's input size, colours distorted."""
+        view = resize_for(augment(x, theta, self.augmented), self.image_size)
+        if all(colour is None for colour in self.colours):
+            return view
+        rows = [
+            view[i] if colour is None else distort_colours(view[i], colour, self.mean, self.std, int(seeds[i]))
+            for i, colour in enumerate(self.colours)
+        ]
+        return torch.stack(rows)
+
+    def _mix(self, x, y, seeds):
+        """Every model's images x [m, b, C, H, W] through its Mixup/CutMix and erasing; soft targets [m, b, k]."""
+        images, targets = [], []
+        for i, (f, mixes) in enumerate(zip(self.row_factors, self.mixes)):
+            if mixes:
+                args = (f.mixup, f.cutmix, f.label_smoothing, f.random_erasing, int(seeds[i]))
+                mixed, soft = mix_and_erase(x[i], y[i], self.num_outputs, *args)
+            else:  # a cross-entropy model: its images untouched, its soft targets unused (torch.where in _loss)
+                mixed, soft = x[i], F.one_hot(y[i], self.num_outputs).float()
+            images.append(mixed)
+            targets.append(soft)
+        return torch.stack(images), torch.stack(targets)
+
+    def _augmented(self, x, y, theta, theta2, seeds, step):
+        """Every model's batch at `step` from its images x [m, b, C, H, W] and labels y [m, b]: the views
+        [m, b, C, H, W] (or [m, 2, b, ...]), y, and the soft targets [m, b, k] (None when no model takes them)."""
+        view1 = self._view(x, theta[:, step], seeds[:, step, 0])
         if not self.contrastive:
-            return view1
-        view2 = resize_for(augment(x, theta2[:, step], self.augmented), self.image_size)
-        return torch.stack([view1, view2], dim=1)
+            if not any(self.mixes):
+                return view1, y, None
+            view1, soft = self._mix(view1, y, seeds[:, step, 2])
+            return view1, y, soft
+        view2 = self._view(x, theta2[:, step], seeds[:, step, 1])
+        return torch.stack([view1, view2], dim=1), y, None
 
     # -------------------------------------------------------------------------------------- training
 
     def train_epoch(self, epoch: int, progress=None) -> EpochMetrics:
         """One epoch for every model; returns train loss and accuracy (averaged over the epoch's batches)."""
         images, labels = self.split("train")
-        steps, order, theta, theta2 = self._epoch_plan(epoch, len(labels), pooled=isinstance(images, StoredImages))
+        steps, order, theta, theta2, seeds = self._epoch_plan(epoch, len(labels), isinstance(images, StoredImages))
         loss_sum = torch.zeros(self.rows, device=self.device)
         correct_sum = torch.zeros(self.rows, device=self.device)
         for step, (x, y) in enumerate(self._batches(images, labels, order, steps)):
-            losses, correct = self._train_step(self._views(x, theta, theta2, step), y)
+            losses, correct = self._train_step(*self._augmented(x, y, theta, theta2, seeds, step))
             finite = torch.isfinite(losses)
             self.active &= finite
             loss_sum += torch.where(finite, losses, torch.nan).detach()
@@ -248,22 +312,28 @@ class PopulationTrainer:
             {"train_loss": (loss_sum / steps)[: self.m].tolist(), "train_acc": (correct_sum / seen)[: self.m].tolist()}
         )
 
-    def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _train_step(
+        self, x: torch.Tensor, y: torch.Tensor, soft: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.mode == "vmap":
 
-            def model_loss(params, x, y, smoothing, temperature):
+            def model_loss(params, x, y, soft, smoothing, soft_target, temperature):
                 forward = lambda inputs: functional_call(self.template, params, (inputs,))
-                return self._loss(forward, x, y, smoothing, temperature)
+                return self._loss(forward, x, y, soft, smoothing, soft_target, temperature)
 
             self.template.train()
-            grad_fn = vmap(grad_and_value(model_loss, has_aux=True), randomness="different")
-            grads, (losses, correct) = grad_fn(self.params, x, y, self.smoothing, self.temperature)
+            in_dims = (0, 0, 0, None if soft is None else 0, 0, 0, 0)  # vmap takes no None under a batched dim
+            grad_fn = vmap(grad_and_value(model_loss, has_aux=True), in_dims=in_dims, randomness="different")
+            per_model = (self.smoothing, self.soft_targets, self.temperature)
+            grads, (losses, correct) = grad_fn(self.params, x, y, soft, *per_model)
             self.optimizer.step(self.params, grads, self.active & torch.isfinite(losses))
             return losses.detach(), correct
         losses, corrects = [], []
         for i, (model, optimizer) in enumerate(zip(self.models, self.optimizers)):
             model.train()
-            loss, correct = self._loss(model, x[i], y[i], self.smoothing[i], self.temperature[i])
+            soft_i = None if soft is None else soft[i]
+            per_model = (self.smoothing[i], self.soft_targets[i], self.temperature[i])
+            loss, correct = self._loss(model, x[i], y[i], soft_i, *per_model)
             if self.active[i] and torch.isfinite(loss):
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -314,13 +384,13 @@ class PopulationTrainer:
 
             def model_loss(params, temperature):
                 forward = lambda inputs: functional_call(self.template, params, (inputs,))
-                return self._loss(forward, x, y, zero, temperature)
+                return self._loss(forward, x, y, None, zero, None, temperature)
 
             return vmap(model_loss)(self.params, self.temperature)
         results = []
         for i, model in enumerate(self.models):
             model.eval()
-            results.append(self._loss(model, x, y, zero, self.temperature[i]))
+            results.append(self._loss(model, x, y, None, zero, None, self.temperature[i]))
         return torch.stack([r[0] for r in results]), torch.stack([r[1] for r in results])
 
     # ---------------------------------------------------------------------------------- state access
