@@ -320,3 +320,26 @@ def test_a_build_started_as_slurm_tasks_splits_the_zoo_between_them(tmp_path, mo
     for shard in ("0/1", "0/2", "1/2", "2/3"):
         shares = [families_of(process_shard(shard, LaunchedProcess("slurm", rank, 2))) for rank in (0, 1)]
         assert not shares[0] & shares[1] and shares[0] | shares[1] == families_of(shard), shard
+
+
+def test_the_slurm_launcher_preset_gives_one_task_per_gpu():
+    """configs/hydra/launcher/slurm_gpus.yaml composes on top of Hydra's submitit launcher."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    from vitzoo.cli import CONFIG_DIR
+    from vitzoo.zoo_builder.config import register_schemas
+
+    register_schemas()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            overrides = ["hydra/launcher=slurm_gpus", "hydra.launcher.gpus_per_node=4"]
+            cfg = compose(config_name="build", overrides=overrides, return_hydra_config=True)
+            launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    finally:
+        GlobalHydra.instance().clear()
+    assert launcher["_target_"].endswith("SlurmLauncher")
+    assert launcher["tasks_per_node"] == launcher["gpus_per_node"] == 4
