@@ -1,7 +1,8 @@
-"""Where a generative model trains: device, precision, and its processes under torchrun (DDP).
+"""Where a generative model trains: device, precision, and its processes under torchrun or SLURM (DDP).
 
-`vitzoo train` is the same script on one CPU core or eight GPUs. Under `torchrun --nproc_per_node=N` (WORLD_SIZE
-> 1 in the environment) `start_runtime` joins the process group (nccl on CUDA, gloo on CPU); every rank draws the
+`vitzoo train` is the same script on one CPU core or eight GPUs. Started as several processes (`torchrun
+--nproc_per_node=N`, or N SLURM tasks: `srun`, Hydra's submitit launcher; `zoo_builder.launch` reads either's
+variables) `start_runtime` joins the process group (nccl on CUDA, gloo on CPU); every rank draws the
 whole batch of a step from seed and step, as one process does, and computes its contiguous share of it; DDP
 averages the gradients, so the result does not depend on the number of processes beyond the order of float
 reductions. Rank 0 alone writes checkpoints, logs and shows progress.
@@ -12,7 +13,6 @@ Precision: "bf16" runs forward passes and losses under torch.autocast; weights, 
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from vitzoo.errors import ConfigError
+from vitzoo.zoo_builder.launch import launched_process, process_device
 from vitzoo.zoo_builder.models import autocast, check_precision, select_device
 
 
@@ -128,25 +129,26 @@ def timing_line(timing: dict) -> str:
 
 
 def start_runtime(device: str = "auto", precision: str = "fp32") -> Runtime:
-    """The runtime of this process; under torchrun (WORLD_SIZE > 1) it joins the process group and each rank
-    takes the GPU of its LOCAL_RANK. `close_runtime` leaves it."""
+    """The runtime of this process; one of several (torchrun's WORLD_SIZE or SLURM's SLURM_NTASKS > 1) joins the
+    process group and takes the GPU of its local rank. `close_runtime` leaves it."""
     check_precision(precision)  # before joining a process group, not after
     if device not in ("auto", "cpu") and not device.startswith("cuda"):
         raise ConfigError(f"device must be auto, cpu or cuda, got {device!r}")
-    chosen = select_device(device)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
+    process = launched_process()
+    chosen = select_device(process_device(device, process))
+    if process.world_size == 1:
         return Runtime(chosen, precision)
     if chosen.type == "cuda":
-        chosen = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(chosen)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if chosen.type == "cuda" else "gloo")
+        backend = "nccl" if chosen.type == "cuda" else "gloo"
+        dist.init_process_group(backend, init_method=process.init_method, rank=process.rank,
+                                world_size=process.world_size)  # fmt: skip
     return Runtime(chosen, precision, dist.get_rank(), dist.get_world_size())
 
 
 def close_runtime(runtime: Runtime) -> None:
     """Leave the process group (nothing to do in one process). The trainings end with a barrier; there is none
-    here, so that a rank that failed does not leave the others waiting (torchrun then stops them all)."""
+    here, so that a rank that failed does not leave the others waiting (torchrun or SLURM then stops them all)."""
     if runtime.world_size > 1 and dist.is_initialized():
         dist.destroy_process_group()

@@ -1,5 +1,5 @@
-"""Generator training infrastructure: bf16, DDP (gloo on CPU, as under torchrun), logging that never changes
-the result, autoencoder embeddings for W&B."""
+"""Generator training infrastructure: bf16, DDP (gloo on CPU, as under torchrun or SLURM), logging that never
+changes the result, autoencoder embeddings for W&B; builds started as several SLURM tasks."""
 
 import math
 import os
@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import offline_run_bytes, run_cli
+from conftest import offline_run_bytes, run_cli, tiny_blueprint
 
 from vitzoo.generative.autoencoder import AutoencoderConfig, HyperAutoencoder
 from vitzoo.generative.checkpoint import read_checkpoint
@@ -25,6 +25,9 @@ from vitzoo.generative.runtime import Runtime, close_runtime, start_runtime
 from vitzoo.tokenizer.symmetries import permutable_layers
 from vitzoo.tokenizer.tokens import detokenize
 from vitzoo.zoo_builder import Zoo
+from vitzoo.zoo_builder.blueprint import blueprint_from_config, expand, select_shard
+from vitzoo.zoo_builder.build import BuildSettings, build
+from vitzoo.zoo_builder.launch import LaunchedProcess, first_host, launched_process, process_shard, slurm_port
 from vitzoo.zoo_builder.zoo import ZooError
 
 DIFFUSION = DiffusionConfig(d_model=16, depth=1, heads=2, mixtures=24, steps=12, batch_size=16)
@@ -125,20 +128,51 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ddp_rank(rank: int, world_size: int, port: int, zoo_root: str, out: str) -> None:
-    """One rank of a CPU run, with the environment torchrun would give it."""
+TORCHRUN_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def launcher_environment(launcher: str, rank: int, world_size: int, port: int) -> dict[str, str]:
+    """The variables a launcher gives rank `rank` of `world_size` processes on one node."""
+    if launcher == "torchrun":
+        return {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank), "LOCAL_RANK": str(rank),
+                "WORLD_SIZE": str(world_size)}  # fmt: skip
+    # srun (submitit too) sets no MASTER_*: the rendezvous is the job's first node, the port drawn from the job id
+    return {"SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank), "SLURM_NTASKS": str(world_size),
+            "SLURM_JOB_NODELIST": "127.0.0.1", "SLURM_JOB_ID": str(port), "SLURM_NODEID": "0"}  # fmt: skip
+
+
+def _start_as(launcher: str, rank: int, world_size: int, port: int):
+    """This process as rank `rank` of a launch: the launcher's variables only, none left over from another."""
+    torch.set_num_threads(1)
+    for name in TORCHRUN_VARIABLES:
+        os.environ.pop(name, None)
+    os.environ.update(launcher_environment(launcher, rank, world_size, port))
+    return start_runtime("cpu")
+
+
+def _ddp_rank(rank: int, world_size: int, port: int, zoo_root: str, out: str, launcher: str = "torchrun") -> None:
+    """One rank of a CPU run, with the environment torchrun (or srun) would give it."""
     from pathlib import Path
 
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world_size))  # fmt: skip
-    runtime = start_runtime("cpu")
+    runtime = _start_as(launcher, rank, world_size, port)
     try:
         zoo = Zoo.open(zoo_root)
         train_autoencoder(zoo, Path(out) / "autoencoder", AUTOENCODER, progress=False, runtime=runtime)
         train_generator(zoo, Path(out) / "generator", DDP_DIFFUSION, fake_measure, progress=False, runtime=runtime)
     finally:
         close_runtime(runtime)
+
+
+def _slurm_job_id_with_free_port() -> str:
+    """A SLURM job id whose drawn rendezvous port is free here."""
+    for job_id in range(1000, 2000):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", slurm_port(str(job_id))))
+            except OSError:
+                continue
+        return str(job_id)
+    raise RuntimeError("no free port")
 
 
 # 600 mixtures: three chunks of the measurement, shared out between the ranks
@@ -153,13 +187,17 @@ def assert_same_weights(one, two, atol: float) -> None:
 
 
 @pytest.mark.slow  # two fresh processes import torch, timm and diffusers: 35 s on 2 busy cores
-def test_two_gloo_processes_train_what_one_process_trains(tmp_path, tiny_zoo):
+@pytest.mark.parametrize("launcher", ["torchrun", "slurm"])
+def test_two_gloo_processes_train_what_one_process_trains(tmp_path, tiny_zoo, launcher):
     """Each rank computes half of every batch; DDP averages the gradients and the autoencoder's NT-Xent sees the
     whole batch, so two processes give one process's weights up to the order of float sums (the gradient is a
-    mean of two half-batch means instead of one mean; Adam then carries the ~1e-8 difference on)."""
+    mean of two half-batch means instead of one mean; Adam then carries the ~1e-8 difference on). Started as
+    torchrun starts them, or as srun starts two SLURM tasks."""
     import torch.multiprocessing as mp
 
-    mp.spawn(_ddp_rank, args=(2, _free_port(), str(tiny_zoo.root), str(tmp_path / "two")), nprocs=2, join=True)
+    port = _free_port() if launcher == "torchrun" else int(_slurm_job_id_with_free_port())
+    args = (2, port, str(tiny_zoo.root), str(tmp_path / "two"), launcher)
+    mp.spawn(_ddp_rank, args=args, nprocs=2, join=True)
     zoo = tiny_zoo
     one_autoencoder = train_autoencoder(zoo, tmp_path / "one" / "autoencoder", AUTOENCODER, progress=False)
     one_generator = train_generator(zoo, tmp_path / "one" / "generator", DDP_DIFFUSION, fake_measure, progress=False)
@@ -198,3 +236,110 @@ def test_torchrun_cli_trains_the_autoencoder_on_two_processes(tmp_path):
     run_cli("train", "bundled", *small, f"out={tmp_path / 'one'}")
     assert_same_weights(tmp_path / "one" / "autoencoder.safetensors", tmp_path / "two" / "autoencoder.safetensors",
                         atol=1e-5)  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------- launchers
+
+
+def test_launched_process_reads_torchrun_and_slurm_alike():
+    assert launched_process({}) == LaunchedProcess()
+    torchrun = launched_process(launcher_environment("torchrun", 1, 2, 29400))
+    slurm = launched_process({**launcher_environment("slurm", 1, 2, 0), "SLURM_JOB_NODELIST": "gpu[007-008]",
+                              "SLURM_JOB_ID": "4242"})  # fmt: skip
+    assert (torchrun.rank, torchrun.world_size, torchrun.local_rank, torchrun.init_method) == (1, 2, 1, "env://")
+    assert (slurm.rank, slurm.world_size, slurm.local_rank) == (1, 2, 1)
+    assert slurm.init_method == f"tcp://gpu007:{slurm_port('4242')}"
+    # a one-task SLURM job is one process; torchrun inside a SLURM allocation is torchrun's
+    assert launched_process({"SLURM_NTASKS": "1", "SLURM_PROCID": "0"}).world_size == 1
+    both = launched_process({**launcher_environment("slurm", 0, 2, 7), **launcher_environment("torchrun", 3, 8, 1)})
+    assert (both.launcher, both.rank, both.world_size) == ("torchrun", 3, 8)
+    explicit = launched_process({**launcher_environment("slurm", 0, 2, 7), "MASTER_ADDR": "head", "MASTER_PORT": "1"})
+    assert explicit.init_method == "tcp://head:1"
+
+
+def test_slurm_node_lists_and_ports_match_submitit():
+    assert first_host("gpu[003-005,010],cpu01") == "gpu003"
+    assert first_host("rack[1-2]-n[07-08]") == "rack1-n07"
+    assert first_host("node12,node13") == "node12"
+    submitit = pytest.importorskip("submitit.helpers")
+    environment = {**launcher_environment("slurm", 0, 2, 0), "SLURM_JOB_ID": "123456", "SLURM_JOB_NUM_NODES": "1",
+                   "SLURM_JOB_NODELIST": "gpu[003-004]", "SUBMITIT_EXECUTOR": "slurm"}  # fmt: skip
+    with pytest.MonkeyPatch.context() as patch:
+        for name in TORCHRUN_VARIABLES:
+            patch.delenv(name, raising=False)
+        for name, value in environment.items():
+            patch.setenv(name, value)
+        theirs = submitit.TorchDistributedEnvironment()
+    ours = launched_process(environment)
+    assert (ours.master_addr, ours.master_port, ours.rank, ours.world_size) == (
+        theirs.master_addr, theirs.master_port, theirs.rank, theirs.world_size)  # fmt: skip
+
+
+def _slurm_task(rank: int, world_size: int, job_id: str, results: str) -> None:
+    """One SLURM task: joins the others at the job's first node and sums the ranks."""
+    from pathlib import Path
+
+    runtime = _start_as("slurm", rank, world_size, int(job_id))
+    try:
+        total = runtime.mean({"rank": float(runtime.rank)})["rank"] * runtime.world_size
+        Path(results, f"{rank}.txt").write_text(f"{runtime.rank} {runtime.world_size} {total:.0f} {runtime.device}")
+    finally:
+        close_runtime(runtime)
+
+
+def test_two_slurm_tasks_join_one_process_group(tmp_path):
+    """Two processes started as srun starts two tasks (variables set by hand, gloo): each knows its rank from
+    SLURM_PROCID, and they meet without MASTER_ADDR or MASTER_PORT."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_slurm_task, args=(2, _slurm_job_id_with_free_port(), str(tmp_path)), nprocs=2, join=True)
+    assert [(tmp_path / f"{rank}.txt").read_text() for rank in (0, 1)] == ["0 2 1 cpu", "1 2 1 cpu"]
+
+
+def test_a_build_started_as_slurm_tasks_splits_the_zoo_between_them(tmp_path, monkeypatch):
+    """Two SLURM tasks running the same `vitzoo build` (same out, no shard given) each build their half, whole
+    families apiece, and together the whole zoo; with shard=i/n given, each builds its half of that shard."""
+    blueprint = tiny_blueprint(pretrain={"epochs": 1}, finetune={"epochs": 1})
+    runs = expand(blueprint_from_config(blueprint))
+    for name in TORCHRUN_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    built = []
+    for rank in (0, 1):
+        for name, value in launcher_environment("slurm", rank, 2, 0).items():
+            monkeypatch.setenv(name, value)
+        build(blueprint, BuildSettings(out=tmp_path / "zoo", device="cpu", progress=False))
+        zoo = Zoo.open(tmp_path / "zoo", allow_unfinished=True)
+        built.append({entry.model_id for entry in zoo} - set().union(*built))
+    assert built == [{run.model_id for run in select_shard(runs, rank, 2)} for rank in (0, 1)]
+    assert set().union(*built) == {run.model_id for run in runs}
+    # shard i/n split w ways: every family of shard i/n in exactly one process's share (7 families)
+    many = tiny_blueprint()
+    many["pretrain"]["grid"] = [{"seed": list(range(7))}]
+    runs = expand(blueprint_from_config(many))
+    families_of = lambda shard: {run.family() for run in select_shard(runs, *map(int, shard.split("/")))}
+    for shard in ("0/1", "0/2", "1/2", "2/3"):
+        shares = [families_of(process_shard(shard, LaunchedProcess("slurm", rank, 2))) for rank in (0, 1)]
+        assert not shares[0] & shares[1] and shares[0] | shares[1] == families_of(shard), shard
+
+
+def test_the_slurm_launcher_preset_gives_one_task_per_gpu():
+    """configs/hydra/launcher/slurm_gpus.yaml composes on top of Hydra's submitit launcher."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    from vitzoo.cli import CONFIG_DIR
+    from vitzoo.zoo_builder.config import register_schemas
+
+    register_schemas()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            overrides = ["hydra/launcher=slurm_gpus", "hydra.launcher.gpus_per_node=4"]
+            cfg = compose(config_name="build", overrides=overrides, return_hydra_config=True)
+            launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    finally:
+        GlobalHydra.instance().clear()
+    assert launcher["_target_"].endswith("SlurmLauncher")
+    assert launcher["tasks_per_node"] == launcher["gpus_per_node"] == 4

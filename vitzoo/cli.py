@@ -361,6 +361,8 @@ def build_task(cfg) -> Path:
     out = Path(cfg.out)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     (run_dir_of(cfg) / "resolved_config.yaml").write_text(OmegaConf.to_yaml(resolved))
+    if cfg.plan:
+        return plan_task(cfg)
     settings = BuildSettings(
         out=out,
         shard=cfg.shard,
@@ -384,6 +386,22 @@ def build_task(cfg) -> Path:
             logger.finish()
     print(Zoo.open(out, allow_unfinished=True).summary())  # other shards may still be training
     return out
+
+
+def plan_task(cfg) -> Path:
+    """`vitzoo build plan=true`: the build's cost, printed and written as plan.json beside the resolved config."""
+    from omegaconf import OmegaConf
+
+    from vitzoo.zoo_builder.blueprint import blueprint_from_config
+    from vitzoo.zoo_builder.plan import Accelerator, format_plan, plan_build
+
+    accelerator = Accelerator(**OmegaConf.to_container(cfg.accelerator, resolve=True))
+    plan = plan_build(blueprint_from_config(cfg.zoo), cfg.precision, cfg.population_size, accelerator)
+    print(format_plan(plan))
+    path = run_dir_of(cfg) / "plan.json"
+    path.write_text(json.dumps(plan.to_dict(), indent=1) + "\n")
+    print(f"plan written to {path}")
+    return path
 
 
 def epoch_setting(epoch: str) -> str | int:

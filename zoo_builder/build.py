@@ -7,7 +7,9 @@ resumable and shardable:
   weights, optimizer state, metrics) *before* its checkpoints and records, so a build killed at any
   point continues from the last finished epoch and re-creates whatever that epoch had not yet written;
 - `shard=i/n` trains whole families (a parent and its fine-tunes) of every n-th lineage, so several
-  builders can fill one zoo without touching each other's runs;
+  builders can fill one zoo without touching each other's runs; a build started as one of w processes
+  (torchrun, or w SLURM tasks: `srun`, Hydra's submitit launcher) builds its own w-th of that shard
+  (`launch.process_shard`) on the GPU of its local rank, so the tasks of one job fill one zoo together;
 - a resumed run continues the same training or is refused: every unfinished record names the training it
   belongs to (its population, and the shard, population size, mode and precision that made it), and a
   build that would train it in another population or another way stops with the reason instead of mixing
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -27,6 +29,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save
 
 from vitzoo.zoo_builder.blueprint import Blueprint, Run, blueprint_from_config, expand, parse_shard, select_shard
+from vitzoo.zoo_builder.launch import launched_process, process_device, process_shard
 from vitzoo.zoo_builder.models import (
     Architecture,
     build_vit,
@@ -88,6 +91,9 @@ class BuildSettings:
 def build(blueprint_cfg, settings: BuildSettings, logger=None) -> Path:
     """Train every run of the blueprint (this shard's part) into the zoo at `settings.out`."""
     blueprint: Blueprint = blueprint_from_config(blueprint_cfg)
+    process = launched_process()  # one of several processes started together takes its own part of the shard
+    settings = replace(settings, shard=process_shard(settings.shard, process),
+                       device=process_device(settings.device, process))  # fmt: skip
     index, count = parse_shard(settings.shard)
     runs = select_shard(expand(blueprint), index, count)
     device = select_device(settings.device)

@@ -27,6 +27,18 @@ class SaveConfig:
 
 
 @dataclass
+class AcceleratorConfig:
+    """The accelerator `plan=true` plans for (an H200 unless told otherwise)."""
+
+    name: str = "H200"
+    memory_gb: float = 141.0  # GiB
+    tflops_bf16: float = 989.0  # peak dense TFLOP/s in bf16
+    tflops_fp32: float = 67.0  # peak TFLOP/s in fp32 (PyTorch's default matmuls use no TF32)
+    utilisation: float = 0.4  # share of the peak a population step sustains (assumed)
+    count: int = 1  # accelerators the zoo is sharded over
+
+
+@dataclass
 class BuildConfig:
     zoo: Blueprint = field(default_factory=Blueprint)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
@@ -41,6 +53,8 @@ class BuildConfig:
     data_root: Optional[str] = None
     progress: bool = True
     save: SaveConfig = field(default_factory=SaveConfig)
+    plan: bool = False  # print what the build would cost (zoo_builder/plan.py) and train nothing
+    accelerator: AcceleratorConfig = field(default_factory=AcceleratorConfig)
 
 
 @dataclass
