@@ -68,6 +68,6 @@ def test_memory_per_model_matches_a_measured_population_step(objective, tmp_path
     views = (2,) if objective == "contrastive" else ()
     x = torch.randn(models, *views, 64, 3, 32, 32)  # [m, (views,) b, C, H, W]
     y = torch.randint(0, 10, (models, 64))
-    measured = measured_peak_bytes(lambda: trainer._train_step(x, y), tmp_path) / models
+    measured = measured_peak_bytes(lambda: trainer._train_step(x, y, None), tmp_path) / models
     planned = measure_model(SMALL_VIT, factors, "fp32").total_bytes
     assert planned == pytest.approx(measured, rel=0.15)
