@@ -84,7 +84,7 @@ class LatentDiffusionConfig:
     schedule: str = "squaredcos_cap_v2"
     condition_dropout: float = 0.2  # accuracy and slot each dropped with this probability (classifier-free guidance)
     mixtures: int = 3000  # Dirichlet mixtures of a family's runs added to the checkpoints, labelled by measured val acc
-    dirichlet: float = 1.0  # their concentration
+    dirichlet: float = 0.3  # their concentration (below 1: nearer the runs; 1 crowded the draws, see README)
     shrunk: float = 0.25  # share of mixtures scaled towards the family's start by s ~ U(0.2, 1)
     steps: int = 24000
     batch_size: int = 32
