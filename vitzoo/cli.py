@@ -393,9 +393,9 @@ def plan_task(cfg) -> Path:
     from omegaconf import OmegaConf
 
     from vitzoo.zoo_builder.blueprint import blueprint_from_config
-    from vitzoo.zoo_builder.plan import Accelerator, format_plan, plan_build
+    from vitzoo.zoo_builder.plan import format_plan, plan_build
 
-    accelerator = Accelerator(**OmegaConf.to_container(cfg.accelerator, resolve=True))
+    accelerator = OmegaConf.to_object(cfg.accelerator)
     plan = plan_build(blueprint_from_config(cfg.zoo), cfg.precision, cfg.population_size, accelerator)
     print(format_plan(plan))
     path = run_dir_of(cfg) / "plan.json"

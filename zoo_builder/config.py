@@ -10,6 +10,7 @@ from hydra.core.config_store import ConfigStore
 
 from vitzoo.zoo_builder.blueprint import Blueprint
 from vitzoo.zoo_builder.logger import LoggerConfig
+from vitzoo.zoo_builder.plan import Accelerator
 
 
 @dataclass
@@ -24,18 +25,6 @@ class SavePolicyConfig:
 class SaveConfig:
     pretrain: SavePolicyConfig = field(default_factory=lambda: SavePolicyConfig(keep_init=True))
     finetune: SavePolicyConfig = field(default_factory=SavePolicyConfig)
-
-
-@dataclass
-class AcceleratorConfig:
-    """The accelerator `plan=true` plans for (an H200 unless told otherwise)."""
-
-    name: str = "H200"
-    memory_gb: float = 141.0  # GiB
-    tflops_bf16: float = 989.0  # peak dense TFLOP/s in bf16
-    tflops_fp32: float = 67.0  # peak TFLOP/s in fp32 (PyTorch's default matmuls use no TF32)
-    utilisation: float = 0.4  # share of the peak a population step sustains (assumed)
-    count: int = 1  # accelerators the zoo is sharded over
 
 
 @dataclass
@@ -54,7 +43,7 @@ class BuildConfig:
     progress: bool = True
     save: SaveConfig = field(default_factory=SaveConfig)
     plan: bool = False  # print what the build would cost (zoo_builder/plan.py) and train nothing
-    accelerator: AcceleratorConfig = field(default_factory=AcceleratorConfig)
+    accelerator: Accelerator = field(default_factory=Accelerator)
 
 
 @dataclass

@@ -65,7 +65,8 @@ FP32_OPS = {"softmax", "log_softmax", "layer_norm", "cross_entropy", "nll_loss",
 
 @dataclass
 class Accelerator:
-    """The accelerator the plan is for (defaults: an H200; H100 SXM has the same compute and 80 GB)."""
+    """The accelerator `plan=true` plans for, the build config's `accelerator` (defaults: an H200; H100 SXM has the
+    same compute and 80 GB)."""
 
     name: str = "H200"
     memory_gb: float = 141.0  # GiB
