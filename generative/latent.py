@@ -59,7 +59,7 @@ from vitzoo.generative.generator import ConditionError
 from vitzoo.generative.hyper import AutoencoderBundle, load_autoencoder
 from vitzoo.generative.runtime import Runtime, StepClock
 
-FORMAT = "vitzoo-latent-diffusion-1"
+FORMAT = "vitzoo-latent-diffusion-2"
 # shipped beside the bundled zoo: `vitzoo train bundled model=latent_diffusion` with the default config (README)
 BUNDLED_LATENT_DIFFUSION = Path(__file__).resolve().parent / "bundled" / "latent_diffusion.safetensors"
 StateDict = dict[str, torch.Tensor]
@@ -86,6 +86,7 @@ class LatentDiffusionConfig:
     mixtures: int = 3000  # Dirichlet mixtures of a family's runs added to the checkpoints, labelled by measured val acc
     dirichlet: float = 0.3  # their concentration (below 1: nearer the runs; 1 crowded the draws, see README)
     shrunk: float = 0.25  # share of mixtures scaled towards the family's start by s ~ U(0.2, 1)
+    checkpoint_share: float = 0.0  # share of each batch drawn from the real checkpoints (0: uniform over all)
     steps: int = 24000
     batch_size: int = 32
     lr: float = 5e-4
@@ -104,6 +105,7 @@ class LatentDiffusionConfig:
             ("mixtures", int, 0, None, False, False),
             ("dirichlet", float, 0, None, True, False),
             ("shrunk", float, 0, 1, False, False),
+            ("checkpoint_share", float, 0, 1, False, False),
             ("steps", int, 1, None, False, False),
             ("batch_size", int, 1, None, False, False),
             ("lr", float, 0, None, True, False),
@@ -125,7 +127,8 @@ class LatentDiffusionConfig:
 class LatentDenoiser(nn.Module):
     """Predicts the v-target of noisy standardised latents [B, T, k] and log scales [B]."""
 
-    def __init__(self, positions: torch.Tensor, latent: int, families: int, slots: int, config: LatentDiffusionConfig):
+    def __init__(self, positions: torch.Tensor, latent: int, families: int, slots: int, epochs: int,
+                 config: LatentDiffusionConfig):  # fmt: skip
         super().__init__()
         d, g = config.d_model, config.group
         self.num_tokens, self.latent, self.group, self.slots = positions.shape[0], latent, g, slots
@@ -140,14 +143,16 @@ class LatentDenoiser(nn.Module):
         self.accuracy_in = nn.Linear(1, d)
         self.no_accuracy = nn.Parameter(torch.zeros(d))
         self.slot_condition = nn.Embedding(slots + 1, d)  # index `slots` = no slot condition
+        self.epoch_condition = nn.Embedding(epochs + 1, d)  # index `epochs` = no epoch condition
         self.blocks = nn.Sequential(*[Block(d, config.heads) for _ in range(config.depth)])
         self.norm = nn.LayerNorm(d)
         self.value_out = nn.Linear(d, g * latent)
         self.scale_out = nn.Linear(d, 1)
 
-    def forward(self, latents, scale, t, family, accuracy, has_accuracy, slot):
+    def forward(self, latents, scale, t, family, accuracy, has_accuracy, slot, epoch):
         """latents [B, T, k], scale [B] (noisy, standardised); t [B] timesteps; family [B]; accuracy [B]
-        (standardised, ignored where has_accuracy [B] is False); slot [B] (`slots` = none)."""
+        (standardised, ignored where has_accuracy [B] is False); slot [B] (`slots` = none); epoch [B] (index into
+        the trained epochs; `epochs` = none)."""
         b, d = latents.shape[0], self.group_embedding.shape[1]
         pad = self.group_embedding.shape[0] * self.group - self.num_tokens
         grouped = nn.functional.pad(latents, (0, 0, 0, pad)).reshape(b, -1, self.group * self.latent)  # [B, G, g*k]
@@ -155,7 +160,8 @@ class LatentDenoiser(nn.Module):
         scale_token = self.scale_in(scale[:, None]) + self.scale_embedding  # [B, D]
         accuracy_token = torch.where(has_accuracy[:, None], self.accuracy_in(accuracy[:, None]), self.no_accuracy)
         prefix = torch.stack([self.time_mlp(timestep_embedding(t, d)), self.family_embedding(family), accuracy_token,
-                              self.slot_condition(slot), scale_token], dim=1)  # fmt: skip  # [B, 5, D]
+                              self.slot_condition(slot), self.epoch_condition(epoch), scale_token],
+                             dim=1)  # fmt: skip  # [B, 6, D]
         h = self.norm(self.blocks(torch.cat([prefix, tokens], dim=1)))
         values = self.value_out(h[:, prefix.shape[1] :]).reshape(b, -1, self.latent)[:, : self.num_tokens]
         return values, self.scale_out(h[:, prefix.shape[1] - 1]).squeeze(-1)  # [B, T, k], [B]
@@ -169,35 +175,40 @@ class LatentSet:
     log_scale: torch.Tensor  # [n]
     family: torch.Tensor  # [n] index into DeltaSet.families
     slot: torch.Tensor  # [n] index into the slots; `slots` = none (a mixture)
+    epoch: torch.Tensor  # [n] index into the epochs; `epochs` = none (a mixture of runs that ended apart)
     accuracy: torch.Tensor  # [n] validation accuracy
     unmeasured: int = 0  # mixtures the measure could not evaluate (left out)
 
 
 @torch.no_grad()
-def latent_set(bundle: AutoencoderBundle, slots: list[tuple[str, float]], config: LatentDiffusionConfig,
-               measure: Measure | None, progress: bool = False) -> LatentSet:  # fmt: skip
+def latent_set(bundle: AutoencoderBundle, slots: list[tuple[str, float]], epochs: list[int],
+               config: LatentDiffusionConfig, measure: Measure | None,
+               progress: bool = False) -> LatentSet:  # fmt: skip
     """Every checkpoint of the autoencoder's training data (and `config.mixtures` measured mixtures), encoded."""
     data, model = bundle.data, bundle.model
     latents = torch.cat([model.encode_model(data.tokens[i : i + 64])[:, 0] for i in range(0, len(data), 64)])
     conditions = data.conditions
     family = torch.tensor([c.family for c in conditions])
     slot = torch.tensor([slots.index(slot_of(e.factors)) for e in data.entries])
+    epoch = torch.tensor([epochs.index(e.epoch) for e in data.entries])
     accuracy = torch.tensor([c.val_acc for c in conditions])
     log_scale = data.scales.log10()
     unmeasured = 0
     if config.mixtures:
         if measure is None:
             raise ConfigError("latent diffusion with mixtures > 0 labels them on validation: it needs a measure")
-        extra = _mixtures(bundle, slots, config, measure, progress)
+        extra = _mixtures(bundle, slots, epochs, config, measure, progress)
         latents, log_scale = torch.cat([latents, extra.latents]), torch.cat([log_scale, extra.log_scale])
         family, slot = torch.cat([family, extra.family]), torch.cat([slot, extra.slot])
-        accuracy, unmeasured = torch.cat([accuracy, extra.accuracy]), extra.unmeasured
-    return LatentSet(latents, log_scale, family, slot, accuracy, unmeasured)
+        epoch, accuracy = torch.cat([epoch, extra.epoch]), torch.cat([accuracy, extra.accuracy])
+        unmeasured = extra.unmeasured
+    return LatentSet(latents, log_scale, family, slot, epoch, accuracy, unmeasured)
 
 
-def _mixtures(bundle, slots, config, measure, progress) -> LatentSet:
+def _mixtures(bundle, slots, epochs, config, measure, progress) -> LatentSet:
     """Dirichlet mixtures of each family's last checkpoints (one per slot), shrunk towards w0 for a share, as
-    latents with their measured validation accuracy; slot label: none."""
+    latents with their measured validation accuracy; slot label: none; epoch label: the runs' last epoch where
+    they all ended at the same one, else none."""
     data = bundle.data
     last = {}  # (family, slot) -> index of the run's last checkpoint
     for i, entry in enumerate(data.entries):
@@ -229,7 +240,9 @@ def _mixtures(bundle, slots, config, measure, progress) -> LatentSet:
     accuracy = torch.tensor([a if a is not None else float("nan") for a in accuracies])
     family = torch.tensor([families[c] for c in chosen])
     none = torch.full((config.mixtures,), len(slots))
-    return LatentSet(torch.cat(latents)[keep], torch.stack(log_scales)[keep], family[keep], none[keep],
+    ended = {f: {data.entries[last[(f, k)]].epoch for k in range(len(slots))} for f in families}
+    epoch = torch.tensor([epochs.index(min(ended[f])) if len(ended[f]) == 1 else len(epochs) for f in family.tolist()])
+    return LatentSet(torch.cat(latents)[keep], torch.stack(log_scales)[keep], family[keep], none[keep], epoch[keep],
                      accuracy[keep], int((~keep).sum()))  # fmt: skip
 
 
@@ -239,6 +252,7 @@ class LatentGenerator:
     bundle: AutoencoderBundle
     model: LatentDenoiser
     slots: list[tuple[str, float]]
+    epochs: list[int]  # the checkpoint epochs it was trained on (the epoch condition's values)
     stats: dict  # latent_mean/latent_std [T, k] tensors; scale and accuracy mean/std/min/max floats
     sha256: str = ""
 
@@ -283,18 +297,19 @@ def from_coordinates(x: torch.Tensor, stats: dict) -> torch.Tensor:
     return x * std + mean
 
 
-def latent_loss(model, scheduler, x0, s0, family, accuracy, slot, dropout, generator, slots):
-    """v-prediction MSE over latents and log scale, with the accuracy and slot conditions dropped at random; the
-    noise, timesteps and dropped conditions are drawn from `generator` on the CPU."""
+def latent_loss(model, scheduler, x0, s0, family, accuracy, slot, epoch, dropout, generator, slots, epochs):
+    """v-prediction MSE over latents and log scale, with the accuracy, slot and epoch conditions each dropped at
+    random; the noise, timesteps and dropped conditions are drawn from `generator` on the CPU."""
     b = x0.shape[0]
     noise, scale_noise = torch.randn(x0.shape, generator=generator), torch.randn(b, generator=generator)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (b,), generator=generator)
     has_accuracy = torch.rand(b, generator=generator) >= dropout
     slot = torch.where(torch.rand(b, generator=generator) < dropout, slots, slot)
+    epoch = torch.where(torch.rand(b, generator=generator) < dropout, epochs, epoch)
     device = next(model.parameters()).device
     values, scale = model(*[v.to(device) for v in (scheduler.add_noise(x0, noise, t),
                                                     scheduler.add_noise(s0, scale_noise, t), t, family, accuracy,
-                                                    has_accuracy, slot)])  # fmt: skip
+                                                    has_accuracy, slot, epoch)])  # fmt: skip
     value_target = scheduler.get_velocity(x0, noise, t).to(device)
     scale_target = scheduler.get_velocity(s0, scale_noise, t).to(device)
     # the scale is one number against T x k latents: weighted as one token of k values
@@ -322,9 +337,10 @@ def train_latent_diffusion(
         raise ConfigError(f"autoencoder {config.autoencoder} encodes head={bundle.data.head} fine-tunes, not {head}")
     out.mkdir(parents=True, exist_ok=True)
     slots = sorted({slot_of(e.factors) for e in bundle.data.entries})
+    epochs = sorted({e.epoch for e in bundle.data.entries})
     state_path = out / "train_state.safetensors"
     torch.manual_seed(config.seed)
-    model, ema = (_denoiser(bundle, slots, config).to(runtime.device) for _ in range(2))
+    model, ema = (_denoiser(bundle, slots, epochs, config).to(runtime.device) for _ in range(2))
     ema.load_state_dict(model.state_dict())
     trained = runtime.wrap(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr)
@@ -332,15 +348,17 @@ def train_latent_diffusion(
     start = 0
     if state_path.exists():
         metadata, saved = load_training_state(state_path, model, ema, optimizer, described | runtime.expected())
-        data = LatentSet(saved["latents"], saved["log_scale"], saved["family"], saved["slot"], saved["accuracy"],
-                         int(metadata["unmeasured"]))  # fmt: skip
+        data = LatentSet(saved["latents"], saved["log_scale"], saved["family"], saved["slot"], saved["epoch"],
+                         saved["accuracy"], int(metadata["unmeasured"]))  # fmt: skip
         start = int(metadata["step"])
     else:
-        data = latent_set(bundle, slots, config, measure, progress and runtime.main)
+        data = latent_set(bundle, slots, epochs, config, measure, progress and runtime.main)
     stats = _stats(data, config.components)
     x0 = to_coordinates(data.latents, stats)  # [n, T, k], or [n, K, 1] principal coefficients
     s0 = (data.log_scale - stats["scale_mean"]) / stats["scale_std"]  # [n]
     accuracy = (data.accuracy - stats["accuracy_mean"]) / stats["accuracy_std"]
+    checkpoints = (data.slot < len(slots)).nonzero()[:, 0]  # the real checkpoints (mixtures have no slot)
+    from_checkpoints = round(config.checkpoint_share * config.batch_size)
     scheduler, _ = schedulers(config)
     part = runtime.share(config.batch_size)
     from tqdm.auto import tqdm
@@ -350,11 +368,16 @@ def train_latent_diffusion(
     clock = StepClock(config.batch_size, preparing_since)
     for step in range(start, config.steps):
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)  # the batch of step s: seed and s
-        batch = torch.randint(0, len(x0), (config.batch_size,), generator=generator)
+        batch = torch.cat(
+            [
+                checkpoints[torch.randint(0, len(checkpoints), (from_checkpoints,), generator=generator)],
+                torch.randint(0, len(x0), (config.batch_size - from_checkpoints,), generator=generator),
+            ]
+        )
         with runtime.autocast():
             loss = latent_loss(trained, scheduler, x0[batch][part], s0[batch][part], data.family[batch][part],
-                               accuracy[batch][part], data.slot[batch][part], config.condition_dropout, generator,
-                               len(slots))  # fmt: skip
+                               accuracy[batch][part], data.slot[batch][part], data.epoch[batch][part],
+                               config.condition_dropout, generator, len(slots), len(epochs))  # fmt: skip
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -369,7 +392,7 @@ def train_latent_diffusion(
                 log({"step": step, "train/loss": logs["loss"], "train/steps_per_second": clock.steps_per_second()})
         if runtime.main and ((step + 1) % save_every == 0 or last):
             tensors = {"latents": data.latents, "log_scale": data.log_scale, "family": data.family,
-                       "slot": data.slot, "accuracy": data.accuracy}  # fmt: skip
+                       "slot": data.slot, "epoch": data.epoch, "accuracy": data.accuracy}  # fmt: skip
             save_training_state(state_path, model, ema, optimizer,
                                 {"step": step + 1, "unmeasured": data.unmeasured, **described}, tensors)  # fmt: skip
     bar.close()
@@ -378,7 +401,8 @@ def train_latent_diffusion(
         tensors |= {f"stats.{k}": v for k, v in stats.items() if isinstance(v, torch.Tensor)}
         scalars = {k: v for k, v in stats.items() if not isinstance(v, torch.Tensor)}
         metadata = {"format": FORMAT, "config": config.to_dict(), "autoencoder_sha256": bundle.sha256,
-                    "slots": [list(s) for s in slots], "families": len(bundle.data.families), "stats": scalars,
+                    "slots": [list(s) for s in slots], "epochs": epochs, "families": len(bundle.data.families),
+                    "stats": scalars,
                     "training_models": len(x0), "unmeasured": data.unmeasured, **runtime.describe()}  # fmt: skip
         write_checkpoint(out / "latent_diffusion.safetensors", tensors, metadata)
         clock.write(out / "timing.json")
@@ -398,11 +422,11 @@ def _autoencoder(name: str, zoo: str | None) -> AutoencoderBundle:
     return bundle
 
 
-def _denoiser(bundle: AutoencoderBundle, slots: list, config: LatentDiffusionConfig) -> LatentDenoiser:
+def _denoiser(bundle: AutoencoderBundle, slots: list, epochs: list, config: LatentDiffusionConfig) -> LatentDenoiser:
     families = len(bundle.data.families)
     if config.components:  # K coefficients, each its own position
-        return LatentDenoiser(torch.arange(config.components)[:, None], 1, families, len(slots), config)
-    return LatentDenoiser(bundle.data.positions, bundle.config.latent, families, len(slots), config)
+        return LatentDenoiser(torch.arange(config.components)[:, None], 1, families, len(slots), len(epochs), config)
+    return LatentDenoiser(bundle.data.positions, bundle.config.latent, families, len(slots), len(epochs), config)
 
 
 SCALARS = ("scale_mean", "scale_std", "accuracy_mean", "accuracy_std", "accuracy_min", "accuracy_max")
@@ -420,10 +444,13 @@ def load_latent_diffusion(path: str | Path, zoo: str | None = None) -> LatentGen
         low = 0 if name.endswith("_std") else None
         check_number(f"{path}: stats.{name}", stats[name], float, low, None, True, error=CheckpointError)
     slots = [(str(o), float(lr)) for o, lr in require(metadata, "slots", list, path)]
+    epochs = require(metadata, "epochs", list, path)
+    if not epochs or not all(isinstance(e, int) for e in epochs):
+        raise CheckpointError(f"{path}: epochs must be a list of integers")
     bundle = _autoencoder(config.autoencoder, zoo)
     if bundle.sha256 != require(metadata, "autoencoder_sha256", str, path):
         raise CheckpointError(f"{path} was trained on the latents of another autoencoder than {config.autoencoder}")
-    model = _denoiser(bundle, slots, config)
+    model = _denoiser(bundle, slots, epochs, config)
     load_weights(model, {k[len("model.") :]: v for k, v in weights.items() if k.startswith("model.")}, path)
     model.eval()
     shape = (bundle.data.spec.num_tokens, bundle.config.latent)
@@ -435,7 +462,7 @@ def load_latent_diffusion(path: str | Path, zoo: str | None = None) -> LatentGen
         if value is None or tuple(value.shape) != wanted:
             raise CheckpointError(f"{path}: stats.{name} must be a tensor of shape {wanted}")
         stats[name] = value
-    return LatentGenerator(config, bundle, model, slots, stats, hashlib.sha256(path.read_bytes()).hexdigest())
+    return LatentGenerator(config, bundle, model, slots, epochs, stats, hashlib.sha256(path.read_bytes()).hexdigest())
 
 
 @torch.no_grad()
@@ -450,12 +477,14 @@ def sample_latent(
     guidance: float = GUIDANCE,
     steps: int = 50,
     temperature: float = 1.0,
+    epoch: int | None = None,
 ) -> tuple[list[tuple[StateDict, dict, dict]], list[str]]:
     """n models as (state_dict, factors, head) and their parents: latents and log scale drawn by DDIM with
     classifier-free guidance on `target_acc` (validation accuracy) and `optimizer`+`lr`, for families drawn
-    uniformly (of `parent` only, if given), decoded through the autoencoder onto the family's start. `guidance` 1
-    is the plain conditional model (see GUIDANCE); `temperature` scales the initial noise (1: as trained; lower
-    trades within-family spread for accuracy: `python -m benchmarks.latent_temperature`)."""
+    uniformly (of `parent` only, if given), decoded through the autoencoder onto the family's start. `epoch`: the
+    checkpoint epoch asked for (None: the last one trained on, a finished fine-tune, as the zoo's runs are compared).
+    `guidance` 1 is the plain conditional model (see GUIDANCE); `temperature` scales the initial noise (1: as
+    trained; lower trades within-family spread for accuracy: `python -m benchmarks.latent_temperature`)."""
     data, stats, model = generator.bundle.data, generator.stats, generator.model
     if n <= 0:
         raise ConditionError(f"n must be positive, got {n}")
@@ -468,6 +497,9 @@ def sample_latent(
         raise ConditionError("condition on optimizer and lr together (a slot is the pair)")
     if not temperature >= 0:
         raise ConditionError(f"temperature must be >= 0, got {temperature}")
+    epoch = generator.epochs[-1] if epoch is None else epoch
+    if epoch not in generator.epochs:
+        raise ConditionError(f"epoch={epoch} is not a trained condition; trained: {generator.epochs}")
     slot = None
     if optimizer is not None:
         if (optimizer, float(lr)) not in generator.slots:
@@ -488,15 +520,16 @@ def sample_latent(
     has_accuracy = torch.full((n,), target_acc is not None)
     slots = torch.full((n,), len(generator.slots) if slot is None else slot)
     free_slots = torch.full((n,), len(generator.slots))
+    epochs = torch.full((n,), generator.epochs.index(epoch))
     conditioned = target_acc is not None or slot is not None
     _, scheduler = schedulers(generator.config)
     scheduler.set_timesteps(steps)
     for t in scheduler.timesteps:
         steps_t = torch.full((n,), int(t))
-        values, scale = model(x, s, steps_t, family, accuracy, has_accuracy, slots)
-        if conditioned and guidance != 1.0:
+        values, scale = model(x, s, steps_t, family, accuracy, has_accuracy, slots, epochs)
+        if conditioned and guidance != 1.0:  # guided away from the model free of accuracy and slot (same epoch)
             free_values, free_scale = model(x, s, steps_t, family, accuracy, torch.zeros(n, dtype=torch.bool),
-                                            free_slots)  # fmt: skip
+                                            free_slots, epochs)  # fmt: skip
             values = free_values + guidance * (values - free_values)
             scale = free_scale + guidance * (scale - free_scale)
         x = scheduler.step(values, t, x, eta=0.0).prev_sample
@@ -509,6 +542,7 @@ def sample_latent(
         parent_id, head, head_hidden, head_seed, _ = data.families[f]
         factors = {"method": "latent_diffusion", "space": "latent", "generator": generator.sha256,
                    "family_seed": head_seed, "target_acc": target_acc, "optimizer": optimizer, "lr": lr,
+                   "target_epoch": epoch,
                    "guidance": guidance if conditioned else None, "temperature": temperature,
                    "sample_seed": seed}  # fmt: skip
         head_spec = {"head": head, "head_hidden": head_hidden, "num_classes": data.entries[0].head["num_classes"]}

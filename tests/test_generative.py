@@ -500,6 +500,13 @@ def test_latent_diffusion_samples_whole_models_for_its_conditions(tmp_path, comp
     assert any(len(members) > 1 for members in by_family.values())
     assert all(torch.equal(m[0][k], other[k]) for m in by_family.values() for other in m[1:] for k in first)
     assert cold[0][1]["temperature"] == 0.0
+    # the epoch condition: the last trained epoch unless asked (the zoo's fine-tunes keep epochs 8, 9 and 10)
+    assert generator.epochs == sorted({e.epoch for e in data.entries}) and len(generator.epochs) > 1
+    assert samples[0][1]["target_epoch"] == generator.epochs[-1]
+    early, _ = latent.sample_latent(generator, 3, seed=1, parent=parent, target_acc=(low + high) / 2,
+                                    optimizer="sgd", lr=1e-3, steps=4, epoch=generator.epochs[0])  # fmt: skip
+    assert early[0][1]["target_epoch"] == generator.epochs[0]
+    assert not all(torch.equal(a[0][k], b[0][k]) for a, b in zip(samples, early) for k in first)
     write_sampled(tmp_path / "samples", data.architecture, "digits", samples, parents)
     Zoo.open(tmp_path / "samples")[0].model()
     refused = (
@@ -509,10 +516,32 @@ def test_latent_diffusion_samples_whole_models_for_its_conditions(tmp_path, comp
         ({"optimizer": "lion", "lr": 1e-3}, "not a trained condition"),
         ({"parent": "nobody"}, "parent"),
         ({"temperature": -1.0}, "temperature"),
+        ({"epoch": 99}, "not a trained condition"),
     )
     for bad, message in refused:
         with pytest.raises(ConditionError, match=message):
             latent.sample_latent(generator, 1, **bad)
+
+
+def test_latent_diffusion_draws_its_checkpoint_share_from_the_real_checkpoints(tmp_path, monkeypatch):
+    from vitzoo.generative import latent
+
+    slots_seen = []
+    original = latent.latent_loss
+
+    def recording(model, scheduler, x0, s0, family, accuracy, slot, *rest):
+        slots_seen.append(slot)  # before the dropout: mixtures carry the "no slot" index
+        return original(model, scheduler, x0, s0, family, accuracy, slot, *rest)
+
+    monkeypatch.setattr(latent, "latent_loss", recording)
+    for share, real in ((1.0, 4), (0.5, 2)):
+        slots_seen.clear()
+        config = latent.LatentDiffusionConfig(**(TINY_LATENT | {"mixtures": 60, "steps": 20, "checkpoint_share": share}))
+        latent.train_latent_diffusion(tmp_path / f"share-{share}", config, fake_measure, progress=False)
+        six = 6  # the bundled zoo's slots; index 6 = a mixture
+        assert all((batch[:real] < six).all() for batch in slots_seen)
+        if share < 1:  # the rest drawn uniformly: 300 of 360 are checkpoints, so 20 steps x 2 draw some mixture
+            assert any((batch[real:] == six).any() for batch in slots_seen)
 
 
 def test_cli_trains_and_samples_a_latent_diffusion(tmp_path):

@@ -729,6 +729,8 @@ def sample_task(cfg):
         torch.set_num_threads(cfg.threads)
     path = BUNDLED_GENERATOR if cfg.path == "bundled" else cfg.path  # read its format before loading
     kind = checkpoint_format(path)
+    if cfg.epoch is not None and kind != LATENT_FORMAT:
+        raise ConditionError("epoch= is a latent diffusion's condition; this checkpoint samples finished fine-tunes")
     if kind == TRANSFER_FORMAT:
         samples, parents, architecture, dataset = sample_transfer_task(cfg, path)
         note = ""
@@ -741,7 +743,7 @@ def sample_task(cfg):
         guidance = LATENT_GUIDANCE if cfg.guidance is None else cfg.guidance
         temperature = 1.0 if cfg.temperature is None else cfg.temperature
         samples, parents = sample_latent(generator, cfg.n, cfg.seed, cfg.parent, cfg.target_acc, cfg.optimizer,
-                                         cfg.lr, guidance, cfg.steps, temperature)  # fmt: skip
+                                         cfg.lr, guidance, cfg.steps, temperature, cfg.epoch)  # fmt: skip
         data = generator.bundle.data
         architecture, dataset, note = data.architecture, Zoo.open(cfg.zoo or data.zoo_root).dataset, ""
     elif kind == AUTOENCODER_FORMAT:
@@ -848,6 +850,7 @@ PLAIN_COMMANDS = {  # commands without Hydra: their arguments and key=value opti
             "per_target": Option(10, "samples per target", int),
             "per_slot": Option(10, "samples per optimizer/lr", int),
             "guidance": Option(None, "classifier-free guidance scale (null: the sampler's own)", float),
+            "temperature": Option(1.0, "initial noise scale of a latent diffusion's draws", float),
             "seed": Option(0, "of the draws", int),
             "out": Option("runs/conditioning", "report.md, results.json, plot"),
             "overwrite": Option(False, "replace an earlier report in out", bool),
@@ -1001,7 +1004,8 @@ def conditioning_command(args: list[str]) -> None:
         from vitzoo.conditioning import conditioning, write_conditioning
 
         result = conditioning(named["generator"], options["targets"], options["per_target"], options["per_slot"],
-                              options["guidance"], options["seed"], reference=options["reference"])  # fmt: skip
+                              options["guidance"], options["seed"], reference=options["reference"],
+                              temperature=options["temperature"])  # fmt: skip
         write_conditioning(result, out)
         log_report_folder(LoggerConfig(kind=options["logger"]), {"generator": named["generator"], **options},
                           named["generator"], out, "conditioning")  # fmt: skip

@@ -45,17 +45,21 @@ def conditioning(
     split: str = "test",
     pool: int = 300,
     reference: str | Path | None = None,
+    temperature: float = 1.0,
 ) -> dict:
     """The generator's conditioning, and measure-and-pick's at the same targets (no learning: `pool` mixtures
-    measured on validation per target) as its reference. `guidance` None: the sampler's own default."""
+    measured on validation per target) as its reference. `guidance` None: the sampler's own default;
+    `temperature`: the latent diffusion's initial noise scale (a family diffusion has none)."""
     if checkpoint_format(generator_path) == LATENT_FORMAT:  # "bundled" is the family generator
         latent = load_latent_diffusion(generator_path)
         sha256, guidance = latent.sha256, LATENT_GUIDANCE if guidance is None else guidance
         family_generator, method, stats = load_generator(reference or "bundled"), "latent diffusion", latent.stats
 
         def draw(n: int, seed: int, **condition):
-            return sample_latent(latent, n, seed, guidance=guidance, **condition)[0]
+            return sample_latent(latent, n, seed, guidance=guidance, temperature=temperature, **condition)[0]
     else:
+        if temperature != 1.0:
+            raise ZooError("temperature applies to a latent diffusion only; a family diffusion draws at 1")
         generator = load_generator(generator_path)
         sha256, guidance = generator.sha256, FAMILY_GUIDANCE if guidance is None else guidance
         family_generator, method, stats = (
@@ -137,6 +141,7 @@ def conditioning(
         "split": split,
         "seed": seed,
         "guidance": guidance,
+        "temperature": temperature,
         "code_version": code_version(),
         "unevaluated": unevaluated,
         "target_spearman": float(rho),
@@ -191,8 +196,8 @@ def write_conditioning(result: dict, out: Path) -> Path:
     lines = [
         f"# Conditioning of {result['generator']}",
         "",
-        f"{result['split']} split, guidance {result['guidance']}, seed {result['seed']}, "
-        f"code {result['code_version']}.",
+        f"{result['split']} split, guidance {result['guidance']}, temperature {result.get('temperature', 1.0)}, "
+        f"seed {result['seed']}, code {result['code_version']}.",
         "",
         f"Target accuracy: Spearman {result['target_spearman']:.3f} over {len(result['targets'])} {method} samples;"
         f" measure-and-pick (no learning: {result['pool']} Dirichlet mixtures measured on validation per target, the"

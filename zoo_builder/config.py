@@ -157,6 +157,7 @@ class SampleConfig:
     zoo: Optional[str] = None  # where the generator's zoo is, when it moved
     head_seed: Optional[int] = None  # transfer: the seed of the new parent's fresh head (null: 0)
     temperature: Optional[float] = None  # transfer: logits' spread; latent diffusion: initial noise scale (null: own)
+    epoch: Optional[int] = None  # latent diffusion: the checkpoint epoch asked for (null: the last trained on)
     threads: Optional[int] = None
 
 
