@@ -86,7 +86,7 @@ class LatentDiffusionConfig:
     mixtures: int = 3000  # Dirichlet mixtures of a family's runs added to the checkpoints, labelled by measured val acc
     dirichlet: float = 0.3  # their concentration (below 1: nearer the runs; 1 crowded the draws, see README)
     shrunk: float = 0.25  # share of mixtures scaled towards the family's start by s ~ U(0.2, 1)
-    checkpoint_share: float = 0.0  # share of each batch drawn from the real checkpoints (0: uniform over all)
+    checkpoint_share: float = 0.25  # share of each batch drawn from the real checkpoints (0: uniform over all)
     steps: int = 24000
     batch_size: int = 32
     lr: float = 5e-4
