@@ -536,7 +536,8 @@ def test_latent_diffusion_draws_its_checkpoint_share_from_the_real_checkpoints(t
     monkeypatch.setattr(latent, "latent_loss", recording)
     for share, real in ((1.0, 4), (0.5, 2)):
         slots_seen.clear()
-        config = latent.LatentDiffusionConfig(**(TINY_LATENT | {"mixtures": 60, "steps": 20, "checkpoint_share": share}))
+        settings = {"mixtures": 60, "steps": 20, "checkpoint_share": share}
+        config = latent.LatentDiffusionConfig(**(TINY_LATENT | settings))
         latent.train_latent_diffusion(tmp_path / f"share-{share}", config, fake_measure, progress=False)
         six = 6  # the bundled zoo's slots; index 6 = a mixture
         assert all((batch[:real] < six).all() for batch in slots_seen)

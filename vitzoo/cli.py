@@ -721,6 +721,7 @@ def sample_task(cfg):
     from vitzoo.generative.hyper import load_autoencoder, sample_kde
     from vitzoo.generative.latent import FORMAT as LATENT_FORMAT
     from vitzoo.generative.latent import GUIDANCE as LATENT_GUIDANCE
+    from vitzoo.generative.latent import TEMPERATURE as LATENT_TEMPERATURE
     from vitzoo.generative.latent import load_latent_diffusion, sample_latent
     from vitzoo.generative.transfer import FORMAT as TRANSFER_FORMAT
     from vitzoo.zoo_builder.zoo import Zoo, write_sampled
@@ -741,7 +742,7 @@ def sample_task(cfg):
             raise ConditionError("a latent diffusion samples its autoencoder's own head type: drop head=")
         generator = load_latent_diffusion(path, cfg.zoo)
         guidance = LATENT_GUIDANCE if cfg.guidance is None else cfg.guidance
-        temperature = 1.0 if cfg.temperature is None else cfg.temperature
+        temperature = LATENT_TEMPERATURE if cfg.temperature is None else cfg.temperature
         samples, parents = sample_latent(generator, cfg.n, cfg.seed, cfg.parent, cfg.target_acc, cfg.optimizer,
                                          cfg.lr, guidance, cfg.steps, temperature, cfg.epoch)  # fmt: skip
         data = generator.bundle.data
@@ -850,7 +851,7 @@ PLAIN_COMMANDS = {  # commands without Hydra: their arguments and key=value opti
             "per_target": Option(10, "samples per target", int),
             "per_slot": Option(10, "samples per optimizer/lr", int),
             "guidance": Option(None, "classifier-free guidance scale (null: the sampler's own)", float),
-            "temperature": Option(1.0, "initial noise scale of a latent diffusion's draws", float),
+            "temperature": Option(None, "initial noise scale of a latent diffusion's draws (null: its own)", float),
             "seed": Option(0, "of the draws", int),
             "out": Option("runs/conditioning", "report.md, results.json, plot"),
             "overwrite": Option(False, "replace an earlier report in out", bool),

@@ -31,6 +31,7 @@ from vitzoo.generative.generator import GUIDANCE as FAMILY_GUIDANCE
 from vitzoo.generative.generator import load_generator, sample
 from vitzoo.generative.latent import FORMAT as LATENT_FORMAT
 from vitzoo.generative.latent import GUIDANCE as LATENT_GUIDANCE
+from vitzoo.generative.latent import TEMPERATURE as LATENT_TEMPERATURE
 from vitzoo.generative.latent import load_latent_diffusion, sample_latent
 from vitzoo.zoo_builder.zoo import ZooError, atomic_write_json, code_version
 
@@ -45,20 +46,21 @@ def conditioning(
     split: str = "test",
     pool: int = 300,
     reference: str | Path | None = None,
-    temperature: float = 1.0,
+    temperature: float | None = None,
 ) -> dict:
     """The generator's conditioning, and measure-and-pick's at the same targets (no learning: `pool` mixtures
     measured on validation per target) as its reference. `guidance` None: the sampler's own default;
-    `temperature`: the latent diffusion's initial noise scale (a family diffusion has none)."""
+    `temperature`: the latent diffusion's initial noise scale (None: its own; a family diffusion has none)."""
     if checkpoint_format(generator_path) == LATENT_FORMAT:  # "bundled" is the family generator
         latent = load_latent_diffusion(generator_path)
         sha256, guidance = latent.sha256, LATENT_GUIDANCE if guidance is None else guidance
+        temperature = LATENT_TEMPERATURE if temperature is None else temperature
         family_generator, method, stats = load_generator(reference or "bundled"), "latent diffusion", latent.stats
 
         def draw(n: int, seed: int, **condition):
             return sample_latent(latent, n, seed, guidance=guidance, temperature=temperature, **condition)[0]
     else:
-        if temperature != 1.0:
+        if temperature is not None:
             raise ZooError("temperature applies to a latent diffusion only; a family diffusion draws at 1")
         generator = load_generator(generator_path)
         sha256, guidance = generator.sha256, FAMILY_GUIDANCE if guidance is None else guidance
@@ -196,7 +198,7 @@ def write_conditioning(result: dict, out: Path) -> Path:
     lines = [
         f"# Conditioning of {result['generator']}",
         "",
-        f"{result['split']} split, guidance {result['guidance']}, temperature {result.get('temperature', 1.0)}, "
+        f"{result['split']} split, guidance {result['guidance']}, temperature {result.get('temperature')}, "
         f"seed {result['seed']}, code {result['code_version']}.",
         "",
         f"Target accuracy: Spearman {result['target_spearman']:.3f} over {len(result['targets'])} {method} samples;"
