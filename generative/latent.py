@@ -372,12 +372,9 @@ def train_latent_diffusion(
     clock = StepClock(config.batch_size, preparing_since)
     for step in range(start, config.steps):
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)  # the batch of step s: seed and s
-        batch = torch.cat(
-            [
-                checkpoints[torch.randint(0, len(checkpoints), (from_checkpoints,), generator=generator)],
-                torch.randint(0, len(x0), (config.batch_size - from_checkpoints,), generator=generator),
-            ]
-        )
+        real = checkpoints[torch.randint(0, len(checkpoints), (from_checkpoints,), generator=generator)]
+        anywhere = torch.randint(0, len(x0), (config.batch_size - from_checkpoints,), generator=generator)
+        batch = torch.cat([real, anywhere])
         with runtime.autocast():
             loss = latent_loss(trained, scheduler, x0[batch][part], s0[batch][part], data.family[batch][part],
                                accuracy[batch][part], data.slot[batch][part], data.epoch[batch][part],
