@@ -2,9 +2,11 @@
 
 import json
 
+import pytest
 from scipy.stats import spearmanr
 
 from vitzoo.conditioning import conditioning, write_conditioning
+from vitzoo.zoo_builder.zoo import ZooError
 
 
 def test_conditioning_report_is_consistent_with_its_rows(tmp_path):
@@ -31,6 +33,12 @@ def test_conditioning_of_the_latent_diffusion_beside_measure_and_pick(tmp_path):
 
     result = conditioning(str(BUNDLED_LATENT_DIFFUSION), targets=[0.3, 0.9], per_target=2, per_slot=1, pool=20)
     assert result["method"] == "latent diffusion" and len(result["targets"]) == 4
+    assert result["temperature"] == 0.85  # the latent diffusion's own default (TEMPERATURE)
     assert len(result["reference_targets"]) == 4 and len(result["slots"]) == 6  # pick from the shipped family basis
     out = write_conditioning(result, tmp_path / "conditioning")
     assert "latent diffusion: achieved mean" in (out / "report.md").read_text()
+
+
+def test_conditioning_refuses_a_temperature_for_the_family_diffusion():
+    with pytest.raises(ZooError, match="latent diffusion only"):
+        conditioning("bundled", temperature=0.7)
