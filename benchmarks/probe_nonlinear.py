@@ -4,7 +4,8 @@ python -m benchmarks.probe_nonlinear [--checkpoint runs/autoencoder/autoencoder.
 
 The same embeddings, targets and folds as `vitzoo probe` (5-fold cross-validation grouped by model): its linear
 ridge probe beside an RBF kernel ridge probe whose alpha and gamma are chosen by an inner 3-fold search on each
-training fold. Prints held-out R2 for both.
+training fold, and beside the same linear probe on every token latent (all T x k of them and the log scale, before
+any pooling into the embedding). Prints held-out R2 for all three.
 """
 
 from __future__ import annotations
@@ -35,6 +36,14 @@ def kernel_probe_r2(features: np.ndarray, y: np.ndarray, groups: np.ndarray) -> 
     return r2_score(y, predictions)
 
 
+@torch.no_grad()
+def token_latents(bundle, batch: int = 64) -> np.ndarray:
+    """[n, W * T * k + 1] every checkpoint's token latents of every window, flattened, and its log10 delta scale."""
+    tokens = bundle.data.tokens
+    latents = [bundle.model.encode_model(tokens[i : i + batch]).flatten(1) for i in range(0, len(tokens), batch)]
+    return torch.cat([torch.cat(latents), bundle.data.scales.log10()[:, None]], dim=1).double().numpy()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default=BUNDLED_AUTOENCODER, help="an autoencoder (default: the shipped)")
@@ -49,6 +58,8 @@ def main() -> None:
     print(f"test accuracy from the embedding of {args.checkpoint}, {len(y)} checkpoints, held-out R2:")
     print(f"  linear ridge (vitzoo probe): {linear:.3f}")
     print(f"  RBF kernel ridge           : {kernel_probe_r2(features, y, groups):.3f}")
+    sequence, _ = cross_validated(token_latents(bundle), "regression", y, groups)
+    print(f"  linear ridge on all token latents (before pooling): {sequence:.3f}")
 
 
 if __name__ == "__main__":

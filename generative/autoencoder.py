@@ -43,7 +43,7 @@ class AutoencoderConfig:
     d_model: int = 64
     depth: int = 2  # blocks in the encoder and again in the decoder
     heads: int = 4
-    latent: int = 16  # k: per-token latent width
+    latent: int = 20  # k: per-token latent width
     embedding: int = 32  # e: model-level embedding width
     contrastive_weight: float = 0.05
     temperature: float = 0.1
